@@ -1,0 +1,104 @@
+"""Typed configuration of the model and its objective.
+
+Pure data: no I/O, no tracking. Validation happens in ``__post_init__`` so an invalid
+configuration can never be built, and every error names the field and the accepted values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ARCHITECTURES = ("mlp", "conv")  # extended by cvae.registry when more families register
+CONDITIONINGS = ("concat", "channel", "decoder", "none")
+LIKELIHOODS = ("bernoulli", "gaussian")
+ACTIVATIONS = ("relu", "silu", "elu", "leaky_relu", "tanh")
+CONV_DECODERS = ("transpose", "upsample")
+GAUSSIAN_VARIANCES = ("fixed", "learned")
+KL_ESTIMATORS = ("analytic", "monte_carlo")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what it accepts."""
+
+
+def require_choice(field: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{field}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+def require(condition: bool, field: str, value, expectation: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}={value!r} is not valid; expected {expectation}")
+
+
+def _as_int_tuple(field: str, value) -> tuple:
+    """Accept 512, "64,16,8", [64, 16, 8] or a tuple, so CLI strings and JSON lists both work
+    and the frozen config stays hashable."""
+    if isinstance(value, str):
+        try:
+            return tuple(int(part) for part in value.replace(" ", "").split(",") if part)
+        except ValueError:
+            raise ConfigError(f"{field}={value!r} is not valid; expected comma-separated integers, "
+                              f"e.g. 64,16,8") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+def _positive_ints(values) -> bool:
+    # bool is an int subclass; True as a width is a bug, not a 1.
+    return (isinstance(values, tuple) and len(values) >= 1
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "mlp"
+    conditioning: str = "concat"
+    latent_dim: int = 16
+    hidden: tuple[int, ...] = (512, 256)  # mlp: widths of the encoder (reversed for the decoder)
+    activation: str = "relu"
+    channels: tuple[int, ...] = (32, 64)  # conv: one stride-2 stage per entry
+    conv_decoder: str = "transpose"
+    batch_norm: bool = False
+    likelihood: str = "bernoulli"
+    gaussian_variance: str = "fixed"
+    gaussian_std: float = 1.0  # the fixed std, or the initial one when learned
+
+    def __post_init__(self):
+        from cvae.registry import architecture_names  # late: the registry imports this module
+
+        object.__setattr__(self, "hidden", _as_int_tuple("model.hidden", self.hidden))
+        object.__setattr__(self, "channels", _as_int_tuple("model.channels", self.channels))
+        require_choice("model.arch", self.arch, architecture_names())
+        require_choice("model.conditioning", self.conditioning, CONDITIONINGS)
+        require(_positive_ints((self.latent_dim,)), "model.latent_dim",
+                self.latent_dim, "an integer >= 1")
+        require(_positive_ints(self.hidden),
+                "model.hidden", self.hidden, "one or more positive integer widths, e.g. 512 or 64,16,8")
+        require_choice("model.activation", self.activation, ACTIVATIONS)
+        require(_positive_ints(self.channels),
+                "model.channels", self.channels, "one or more positive integer channel counts, e.g. 32,64")
+        require_choice("model.conv_decoder", self.conv_decoder, CONV_DECODERS)
+        require_choice("model.likelihood", self.likelihood, LIKELIHOODS)
+        require_choice("model.gaussian_variance", self.gaussian_variance, GAUSSIAN_VARIANCES)
+        require(self.gaussian_std > 0, "model.gaussian_std", self.gaussian_std, "a positive number")
+
+    @property
+    def conditional(self) -> bool:
+        return self.conditioning != "none"
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    kl_weight: float = 1.0  # beta
+    warmup_epochs: float = 0.0  # beta rises linearly from 0 over this many epochs
+    free_bits: float = 0.0  # nats per latent dimension below which KL is not penalised
+    kl_estimator: str = "analytic"
+
+    def __post_init__(self):
+        require(self.kl_weight >= 0, "objective.kl_weight", self.kl_weight, "a number >= 0")
+        require(self.warmup_epochs >= 0, "objective.warmup_epochs", self.warmup_epochs, "a number >= 0")
+        require(self.free_bits >= 0, "objective.free_bits", self.free_bits, "a number >= 0")
+        require_choice("objective.kl_estimator", self.kl_estimator, KL_ESTIMATORS)

@@ -1,0 +1,179 @@
+"""The conditional VAE: wraps an (encoder, decoder) pair from the registry with labels,
+sampling, and the reconstruction likelihood."""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvae.config import ModelConfig
+from cvae.registry import build_networks
+
+LOGVAR_RANGE = (-12.0, 8.0)  # keeps exp(logvar) finite and > 0 in float32 and under AMP
+LOG_STD_RANGE = (-6.0, 2.0)  # a learned Gaussian std must not collapse to 0 or explode
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class CVAEOutput(NamedTuple):
+    decoded: torch.Tensor  # raw decoder output: logits / pre-sigmoid mean, (N, C, H, W)
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    z: torch.Tensor
+
+
+class CVAE(nn.Module):
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int] = (1, 28, 28),
+                 num_classes: int = 10):
+        super().__init__()
+        self.config = config
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.num_classes = int(num_classes)
+        self.encoder, self.decoder = build_networks(config, self.image_shape, self.num_classes)
+        if config.likelihood == "gaussian":
+            init = torch.tensor(math.log(config.gaussian_std), dtype=torch.float32)
+            if config.gaussian_variance == "learned":
+                self.log_std = nn.Parameter(init)
+            else:
+                self.register_buffer("log_std", init)
+        else:
+            self.register_buffer("log_std", None)
+
+    @property
+    def conditional(self) -> bool:
+        return self.config.conditioning != "none"
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    # -- labels -----------------------------------------------------------------------------
+    def _onehot(self, labels, batch: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """The one-hot for a conditional model, None for an unconditional one (labels ignored)."""
+        if not self.conditional:
+            return None
+        if labels is None:
+            raise ValueError(f"this model is conditional (conditioning={self.config.conditioning!r}): "
+                             f"labels are required, got None")
+        labels = torch.as_tensor(labels, device=device)
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor of class ids, got dtype={labels.dtype} "
+                             f"shape={tuple(labels.shape)}")
+        if labels.shape[0] != batch:
+            raise ValueError(f"got {labels.shape[0]} labels for a batch of {batch}")
+        if labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
+            raise ValueError(f"label {bad} is outside [0, {self.num_classes}) for a model with "
+                             f"num_classes={self.num_classes}")
+        return F.one_hot(labels.long(), self.num_classes).to(dtype)
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, self.image_shape))}), "
+                             f"got {tuple(x.shape)}")
+
+    # -- networks ---------------------------------------------------------------------------
+    def _encode(self, x: torch.Tensor, onehot: torch.Tensor | None):
+        enc_onehot = onehot if self.config.conditioning in ("concat", "channel") else None
+        mu, logvar = self.encoder(x, enc_onehot)
+        return mu, logvar.clamp(*LOGVAR_RANGE)
+
+    def encode(self, x: torch.Tensor, labels: torch.Tensor | None):
+        """(mu, logvar), each (N, latent_dim); logvar clamped to LOGVAR_RANGE."""
+        self._check_images(x)
+        return self._encode(x, self._onehot(labels, x.shape[0], x.dtype, x.device))
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + eps * torch.exp(0.5 * logvar)
+
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Raw decoder output (N, C, H, W): logits, or the pre-sigmoid Gaussian mean."""
+        return self.decoder(z, self._onehot(labels, z.shape[0], z.dtype, z.device))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> CVAEOutput:
+        self._check_images(x)
+        onehot = self._onehot(labels, x.shape[0], x.dtype, x.device)
+        mu, logvar = self._encode(x, onehot)
+        z = self.reparameterize(mu, logvar, generator)
+        dec_onehot = None if onehot is None else onehot.to(z.dtype)
+        return CVAEOutput(self.decoder(z, dec_onehot), mu, logvar, z)
+
+    # -- likelihood -------------------------------------------------------------------------
+    def mean_image(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x|z) in [0, 1] for both likelihoods."""
+        return torch.sigmoid(decoded)
+
+    def clamped_log_std(self) -> torch.Tensor | None:
+        return None if self.log_std is None else self.log_std.float().clamp(*LOG_STD_RANGE)
+
+    def reconstruction_nll(self, decoded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-log p(x|z) in nats per example, summed over pixels: (N,). Computed in float32."""
+        decoded, x = decoded.float(), x.float()
+        if self.config.likelihood == "bernoulli":
+            # Accepts x in [0, 1] (continuous Bernoulli-style targets), not only binary pixels.
+            nll = F.binary_cross_entropy_with_logits(decoded, x, reduction="none")
+        else:
+            log_std = self.clamped_log_std()
+            mean = torch.sigmoid(decoded)
+            nll = 0.5 * ((x - mean) * torch.exp(-log_std)).pow(2) + log_std + _HALF_LOG_2PI
+        return nll.flatten(1).sum(dim=1)
+
+    # -- generation -------------------------------------------------------------------------
+    @contextmanager
+    def _inference(self):
+        # Eval mode so BatchNorm uses running statistics and is not updated by generation;
+        # each submodule's own mode is restored afterwards.
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def _device_dtype(self):
+        p = next(self.parameters())
+        return p.device, p.dtype
+
+    def sample(self, labels: Sequence[int] | torch.Tensor | None = None, n: int = 1,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean images in [0, 1] decoded from z ~ N(0, I).
+
+        Conditional: ``n`` images per label, label-major (len(labels) * n images).
+        Unconditional: ``labels`` is ignored and ``n`` images come back.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        device, dtype = self._device_dtype()
+        if self.conditional:
+            if labels is None:
+                raise ValueError("this model is conditional: sample() needs labels")
+            labels = torch.as_tensor(labels, device=device).reshape(-1).repeat_interleave(n)
+            count = labels.shape[0]
+        else:
+            labels, count = None, n
+        with self._inference():
+            z = torch.randn((count, self.latent_dim), generator=generator, device=device, dtype=dtype)
+            return self.mean_image(self.decode(z, labels))
+
+    def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean images decoded from the posterior mean (no sampling)."""
+        with self._inference():
+            mu, _ = self.encode(x, labels)
+            return self.mean_image(self.decode(mu, labels))
+
+
+def build(model_cfg: ModelConfig, image_shape: tuple[int, int, int] = (1, 28, 28),
+          num_classes: int = 10) -> CVAE:
+    if len(image_shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in image_shape):
+        raise ValueError(f"image_shape must be three positive integers (C, H, W), got {image_shape!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return CVAE(model_cfg, tuple(image_shape), num_classes)

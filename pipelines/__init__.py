@@ -1,0 +1,1 @@
+"""MLflow-tracked pipelines around the cvae core: data, training, tuning, evaluation, reproduction."""

@@ -1,0 +1,230 @@
+"""The one configuration object of a run, and everything derived from it.
+
+``RunConfig`` groups five sections. From it we derive the command-line flags of every entry
+point, the flattened MLflow params (``model.latent_dim``), and back again: a run's params are
+enough to rebuild its configuration. Presets and search spaces are overrides of a base config.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from cvae.config import ConfigError, ModelConfig, ObjectiveConfig, require, require_choice
+
+DATASETS = ("mnist", "fashion-mnist", "kmnist")
+BINARIZATIONS = ("none", "static", "dynamic")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist"
+    data_dir: str = ""  # empty: --data-dir, else $CVAE_DATA_DIR, else ./data (resolved in pipelines.data)
+    binarize: str = "none"
+    val_size: int = 5000
+    split_seed: int = 0
+    limit_train: int = 0  # 0: the whole training split
+    limit_test: int = 0  # 0: the whole official test set
+
+    def __post_init__(self):
+        require_choice("data.dataset", self.dataset, DATASETS)
+        require_choice("data.binarize", self.binarize, BINARIZATIONS)
+        require(self.val_size >= 1, "data.val_size", self.val_size, "an integer >= 1")
+        require(self.limit_train >= 0, "data.limit_train", self.limit_train, "an integer >= 0 (0 = all)")
+        require(self.limit_test >= 0, "data.limit_test", self.limit_test, "an integer >= 0 (0 = all)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 20
+    patience: int = 5  # epochs without validation improvement before stopping; 0 disables
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+
+    def __post_init__(self):
+        require_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
+        require(self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        require(self.batch_size >= 1, "optim.batch_size", self.batch_size, "an integer >= 1")
+        require(self.epochs >= 1, "optim.epochs", self.epochs, "an integer >= 1")
+        require(self.patience >= 0, "optim.patience", self.patience, "an integer >= 0 (0 disables)")
+        require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "a number >= 0 (0 disables)")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # bf16/fp16 autocast on CUDA only
+    deterministic: str = "auto"  # auto: on for CPU, off for CUDA (speed); true | false
+
+    def __post_init__(self):
+        dev = self.device
+        valid_device = dev in ("auto", "cpu", "cuda") or (
+            dev.startswith("cuda:") and dev[5:].isdigit())
+        require(valid_device, "execution.device", dev, "one of auto, cpu, cuda, cuda:N")
+        require_choice("execution.precision", self.precision, PRECISIONS)
+        require_choice("execution.deterministic", self.deterministic, ("auto", "true", "false"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    preset: str = ""  # the named configuration this one started from, for the record
+
+
+SECTIONS = ("data", "model", "objective", "optim", "execution")
+# Not plain "preset": `mlflow run` logs its own entry-point parameters under their bare names.
+PRESET_PARAM = "config.preset"
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _field_types(section_cls) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def field_index() -> dict[str, tuple[str, str, Any]]:
+    """Short field name -> (section, field, type). Short names are the CLI flags and MLproject params."""
+    index: dict[str, tuple[str, str, Any]] = {}
+    for section, cls in _section_types().items():
+        for name, typ in _field_types(cls).items():
+            if name in index:
+                raise RuntimeError(f"field name {name!r} is used by two sections; CLI flags must be unique")
+            index[name] = (section, name, typ)
+    return index
+
+
+def parse_value(key: str, typ, raw):
+    """Turn a string (CLI, MLflow param) into the field's type, with an error naming the key."""
+    if not isinstance(raw, str):
+        return tuple(raw) if typing.get_origin(typ) is tuple else raw
+    text = raw.strip()
+    try:
+        if typ is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            as_float = float(text)  # MLflow float params arrive as "16.0"
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float)
+        if typ is float:
+            return float(text)
+        if typing.get_origin(typ) is tuple:
+            parts = [p for p in text.replace(" ", "").split(",") if p]
+            return tuple(int(float(p)) for p in parts)
+        return text
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(
+            typ, "comma-separated integers, e.g. 64,16,8")
+        raise ConfigError(f"{key}={raw!r} is not valid; expected {expected}") from None
+
+
+def with_overrides(base: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    """Apply overrides keyed by dotted name (``model.latent_dim``) or short name (``latent_dim``).
+
+    Values may be strings (parsed by the field's type) or already typed. Validation runs as each
+    section is rebuilt, so the result is always a valid configuration.
+    """
+    index = field_index()
+    per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    preset = base.preset
+    for key, raw in overrides.items():
+        if key == "preset":
+            preset = str(raw)
+            continue
+        short = key.split(".", 1)[1] if "." in key else key
+        if short not in index or ("." in key and key.split(".", 1)[0] != index[short][0]):
+            raise ConfigError(f"unknown configuration key {key!r}; known keys: {', '.join(sorted(index))}")
+        section, name, typ = index[short]
+        per_section[section][name] = parse_value(f"{section}.{name}", typ, raw)
+    sections = {s: replace(getattr(base, s), **vals) if vals else getattr(base, s)
+                for s, vals in per_section.items()}
+    return RunConfig(**sections, preset=preset)
+
+
+def flatten(config: RunConfig) -> dict[str, str]:
+    """MLflow params: dotted keys, string values; tuples as comma lists so they parse back."""
+    params = {PRESET_PARAM: config.preset}
+    for section in SECTIONS:
+        for f in fields(getattr(config, section)):
+            value = getattr(getattr(config, section), f.name)
+            params[f"{section}.{f.name}"] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return params
+
+
+def from_params(params: Mapping[str, str]) -> RunConfig:
+    """Rebuild a configuration from a run's flattened params (other params are ignored)."""
+    known = {k: v for k, v in params.items() if "." in k and k.split(".", 1)[0] in SECTIONS}
+    if params.get(PRESET_PARAM):
+        known["preset"] = params[PRESET_PARAM]
+    return with_overrides(RunConfig(), known)
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: Mapping[str, Any]) -> RunConfig:
+    overrides = {f"{s}.{k}": v for s in SECTIONS for k, v in data.get(s, {}).items()}
+    if data.get("preset"):
+        overrides["preset"] = data["preset"]
+    return with_overrides(RunConfig(), overrides)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field (``--latent-dim``, ``--latent_dim``), plus ``--preset`` and ``--set``.
+
+    Defaults are suppressed so that only what the user gave overrides the preset. An empty value
+    (what MLproject passes for a parameter left unset) also means "not given".
+    """
+    index = field_index()
+    for section in SECTIONS:
+        group = parser.add_argument_group(section)
+        defaults = getattr(RunConfig(), section)
+        for name, (_, _, typ) in index.items():
+            if index[name][0] != section:
+                continue
+            dashed = name.replace("_", "-")
+            flags = [f"--{dashed}"] + ([f"--{name}"] if dashed != name else [])
+            default = getattr(defaults, name)
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            group.add_argument(*flags, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="VALUE",
+                               help=f"{section}.{name} (default: {shown!r})")
+    parser.add_argument("--preset", default=argparse.SUPPRESS,
+                        help="start from a named configuration (see --list-presets)")
+    parser.add_argument("--set", dest="cfg_set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any field by dotted name, e.g. --set model.hidden=64,16,8")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    from pipelines.presets import preset_config  # late: presets build on this module
+
+    given = {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__") and v != ""}
+    for item in getattr(args, "cfg_set", []):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} is not valid; expected KEY=VALUE")
+        given[key.strip()] = value
+    preset_name = getattr(args, "preset", "") or ""
+    base = preset_config(preset_name) if preset_name else RunConfig()
+    return with_overrides(base, given)

@@ -1,0 +1,1 @@
+"""Command-line entry points; MLproject calls these modules with ``python -m``."""

@@ -1,0 +1,53 @@
+"""What every entry point shares: one-line errors with exit code 2, and no run left RUNNING."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+from cvae.config import ConfigError
+from pipelines.data import DataUnavailableError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(RuntimeError):
+    """A problem the user can fix (bad argument, missing run or artifact); shown as one line."""
+
+
+USER_ERRORS = (ConfigError, DataUnavailableError, UserError)
+
+
+def _fail_pending_mlflow_run(message: str, status: str) -> None:
+    """Under `mlflow run` the run exists before we start: never leave it RUNNING."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        from mlflow import MlflowClient
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "error", message[:5000])
+            client.set_terminated(run_id, status)
+    except Exception:  # the store may be the very thing that is unreachable
+        pass
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
+    """Run ``main`` and turn known failures into one clear line on stderr and a non-zero exit."""
+    from pipelines.tracking import configure_tracking
+
+    configure_tracking()
+    try:
+        code = main(argv)
+    except USER_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        _fail_pending_mlflow_run(message, "FAILED")
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        _fail_pending_mlflow_run("interrupted", "KILLED")
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code or 0)

@@ -1,0 +1,51 @@
+"""`train` entry point: one MLflow-tracked training run from a configuration."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Sequence
+
+from pipelines.config import add_config_arguments, config_from_args, to_dict
+from pipelines.data import check_available
+from pipelines.entrypoints.common import run_main
+from pipelines.execution import resolve_device
+from pipelines.presets import preset_names
+from pipelines.tracking import entry_point_run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.entrypoints.train",
+        description="Train a conditional VAE and record it in MLflow. Losses are nats per example.")
+    add_config_arguments(parser)
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else Default)")
+    parser.add_argument("--run-name", default=None, help="MLflow run name")
+    parser.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_presets:
+        print("\n".join(preset_names()))
+        return 0
+    config = config_from_args(args)  # validates: bad values fail here, before any run exists
+    if args.print_config:
+        print(json.dumps(to_dict(config), indent=2))
+        return 0
+    resolve_device(config.execution)
+    check_available(config.data)
+    from pipelines.train import train  # heavy imports only once the input is known to be good
+
+    with entry_point_run(args.experiment, args.run_name) as logger:
+        result = train(config, logger)
+    print(f"run {logger.run_id}: best epoch {result.best_epoch}, "
+          + ", ".join(f"{k} {v:.3f}" for k, v in result.test_metrics.items())
+          + f"; model {result.model_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

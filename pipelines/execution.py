@@ -1,0 +1,87 @@
+"""Where and how a run executes: device, seeds, determinism, mixed precision."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+from cvae.config import ConfigError
+from pipelines.config import ExecutionConfig
+
+CUBLAS_WORKSPACE = ":4096:8"  # required by cuBLAS for deterministic results (CUDA >= 10.2)
+
+
+def resolve_device(config: ExecutionConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"execution.device={config.device!r} is not valid; CUDA is not available "
+                              "here; choose one of auto, cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"execution.device={config.device!r} is not valid; this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def is_deterministic(config: ExecutionConfig, device: torch.device) -> bool:
+    if config.deterministic == "auto":
+        return device.type == "cpu"
+    return config.deterministic == "true"
+
+
+def seed_everything(seed: int) -> dict[str, int]:
+    """Seed Python, NumPy and torch (CPU and every CUDA device); return what was seeded."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return {"python": seed, "numpy": seed % 2**32, "torch": seed, "cuda": seed}
+
+
+def configure_determinism(deterministic: bool) -> dict[str, object]:
+    """Switch torch's deterministic algorithms on or off for this process; return the settings in force.
+
+    On CUDA this costs speed (no cuDNN autotuning, deterministic kernels only), so it is a switch
+    there and the default only on the CPU.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    return {
+        "deterministic": deterministic,
+        "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""),
+    }
+
+
+def autocast(config: ExecutionConfig, device: torch.device):
+    """Mixed precision on CUDA when asked for; a no-op elsewhere (CPU runs stay fp32)."""
+    if config.precision == "fp32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def grad_scaler(config: ExecutionConfig, device: torch.device):
+    enabled = config.precision == "fp16" and device.type == "cuda"
+    return torch.amp.GradScaler("cuda", enabled=enabled) if enabled else None
+
+
+def device_description(device: torch.device) -> dict[str, str]:
+    info = {"device": str(device), "torch_version": torch.__version__,
+            "cuda_version": str(torch.version.cuda or "none")}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info["device_name"] = torch.cuda.get_device_name(index)
+        info["cudnn_version"] = str(torch.backends.cudnn.version())
+    else:
+        info["device_name"] = "cpu"
+    return info

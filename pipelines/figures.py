@@ -1,0 +1,119 @@
+"""Figures as pure functions: arrays in, a matplotlib Figure out. Nothing here logs or saves."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+
+def _tile(images: torch.Tensor, nrow: int) -> np.ndarray:
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def _show(ax, tiled: np.ndarray) -> None:
+    ax.imshow(tiled[..., 0] if tiled.shape[-1] in (1, 3) and np.allclose(tiled[..., 0], tiled[..., -1])
+              else tiled, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def project_2d(latents: np.ndarray) -> tuple[np.ndarray, str]:
+    """Latents as 2-D points: as they are for 2-D, PCA above, a jittered strip for 1-D."""
+    latents = np.asarray(latents, dtype=np.float64)
+    if latents.shape[1] == 2:
+        return latents, "z"
+    if latents.shape[1] == 1:
+        jitter = np.random.default_rng(0).uniform(-0.4, 0.4, size=len(latents))
+        return np.stack([latents[:, 0], jitter], axis=1), "z (1-D, jittered)"
+    centred = latents - latents.mean(axis=0)
+    _, singular, components = np.linalg.svd(centred, full_matrices=False)
+    explained = singular[:2] ** 2 / max((singular ** 2).sum(), 1e-12)
+    return centred @ components[:2].T, f"PCA ({explained[0]:.0%}, {explained[1]:.0%} of variance)"
+
+
+def latent_scatter(latents: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                   title: str = "Latent means by label") -> plt.Figure:
+    points, basis = project_2d(latents)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for k, name in enumerate(class_names):
+        chosen = labels == k
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=4, alpha=0.6, color=cmap(k % cmap.N), label=name)
+    ax.set_xlabel(f"{basis} 1" if "PCA" not in basis else f"PC 1 — {basis}")
+    ax.set_ylabel(f"{basis} 2" if "PCA" not in basis else "PC 2")
+    ax.set_title(title)
+    ax.legend(markerscale=4, fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def reconstruction_grid(inputs: torch.Tensor, reconstructions: torch.Tensor,
+                        title: str = "Inputs (top) vs reconstructions (bottom)") -> plt.Figure:
+    n = len(inputs)
+    fig, ax = plt.subplots(figsize=(max(4, n * 0.8), 2.0))
+    _show(ax, _tile(torch.cat([inputs, reconstructions]), nrow=n))
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def image_rows(images: torch.Tensor, row_labels: Sequence[str], per_row: int, title: str) -> plt.Figure:
+    """A grid with one labelled row per group (e.g. a row of samples per class)."""
+    rows = len(row_labels)
+    fig, ax = plt.subplots(figsize=(max(4, per_row * 0.7), max(2, rows * 0.7)))
+    _show(ax, _tile(images, nrow=per_row))
+    height = images.shape[-2] + 2
+    ax.set_yticks([2 + height * (r + 0.5) for r in range(rows)])
+    ax.set_yticklabels(row_labels, fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def latent_grid(images: torch.Tensor, grid_size: int, extent: float, title: str) -> plt.Figure:
+    """Images decoded on a regular grid over [-extent, extent]²: a traversal or a 2-D manifold."""
+    fig, ax = plt.subplots(figsize=(7, 7))
+    tiled = _tile(images, nrow=grid_size)
+    _show(ax, tiled)
+    ticks = np.linspace(0, tiled.shape[1], grid_size, endpoint=False) + tiled.shape[1] / grid_size / 2
+    values = np.linspace(-extent, extent, grid_size)
+    step = max(1, grid_size // 6)
+    ax.set_xticks(ticks[::step])
+    ax.set_xticklabels([f"{v:.1f}" for v in values[::step]])
+    ax.set_yticks(ticks[::step])
+    ax.set_yticklabels([f"{v:.1f}" for v in values[::-1][::step]])
+    ax.set_xlabel("z[0]")
+    ax.set_ylabel("z[1]")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def latent_grid_points(grid_size: int, extent: float) -> torch.Tensor:
+    """Grid points in row-major display order: top row is the largest z[1]."""
+    values = torch.linspace(-extent, extent, grid_size)
+    z1, z0 = torch.meshgrid(values.flip(0), values, indexing="ij")
+    return torch.stack([z0.reshape(-1), z1.reshape(-1)], dim=1)
+
+
+def loss_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str] = ("train/loss", "val/loss"),
+                title: str = "Loss by epoch (nats per example)") -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [row["epoch"] for row in history]
+    for key in keys:
+        values = [row.get(key, np.nan) for row in history]
+        ax.plot(epochs, values, marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per example")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,75 @@
+"""The figures a training run logs, computed from a trained model and the test split."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from cvae import CVAE
+from pipelines import figures
+from pipelines.data import Batcher, DatasetSplits
+
+SCATTER_POINTS = 5000
+TRAVERSAL_GRID = 15
+TRAVERSAL_EXTENT = 2.0
+
+
+@torch.no_grad()
+def test_latents(model: CVAE, splits: DatasetSplits, batcher: Batcher, batch_size: int = 1000,
+                 limit: int = SCATTER_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    means, labels = [], []
+    seen = 0
+    for x, y in batcher.eval_batches(splits.test, batch_size):
+        mu, _ = model.encode(x, y if model.config.conditional else None)
+        means.append(mu.float().cpu())
+        labels.append(y.cpu())
+        seen += len(y)
+        if seen >= limit:
+            break
+    return torch.cat(means)[:limit].numpy(), torch.cat(labels)[:limit].numpy()
+
+
+def _labels_for(model: CVAE, y: torch.Tensor | None):
+    return y if model.config.conditional else None
+
+
+@torch.no_grad()
+def figure_builders(model: CVAE, splits: DatasetSplits, batcher: Batcher, history: Sequence[dict],
+                    traversal_class: int = 0) -> dict[str, Callable[[], plt.Figure]]:
+    """Artifact path -> a function that draws the figure (so callers can draw one at a time)."""
+    model.eval()
+    device = next(model.parameters()).device
+    x, y = next(batcher.eval_batches(splits.test, 10))
+    names = splits.class_names
+    builders: dict[str, Callable[[], plt.Figure]] = {
+        "figures/loss_curves.png": lambda: figures.loss_curves(history),
+        "figures/latent_scatter_test.png": lambda: figures.latent_scatter(
+            *test_latents(model, splits, batcher), names,
+            title=f"Test-set latent means by label ({model.config.latent_dim}-D)"),
+        "figures/reconstructions.png": lambda: figures.reconstruction_grid(
+            x, model.reconstruct(x, _labels_for(model, y))),
+    }
+    generator = torch.Generator(device=device).manual_seed(0)
+    if model.config.conditional:
+        per_class = 10
+        labels = torch.arange(splits.num_classes, device=device)
+        builders["figures/class_samples.png"] = lambda: figures.image_rows(
+            model.sample(labels, per_class, generator=generator), names, per_class,
+            "Class-conditional samples (a row per class)")
+    else:
+        builders["figures/samples.png"] = lambda: figures.image_rows(
+            model.sample(None, 100, generator=generator), [""] * 10, 10, "Samples")
+    if model.config.latent_dim == 2:
+        points = figures.latent_grid_points(TRAVERSAL_GRID, TRAVERSAL_EXTENT).to(device)
+        if model.config.conditional:
+            cls = torch.full((len(points),), traversal_class, device=device, dtype=torch.long)
+            builders[f"figures/latent_traversal_class{traversal_class}.png"] = lambda: figures.latent_grid(
+                model.mean_image(model.decode(points, cls)), TRAVERSAL_GRID, TRAVERSAL_EXTENT,
+                f"Latent traversal for class {names[traversal_class]!r}")
+        else:
+            builders["figures/latent_manifold.png"] = lambda: figures.latent_grid(
+                model.mean_image(model.decode(points, None)), TRAVERSAL_GRID, TRAVERSAL_EXTENT,
+                "2-D latent manifold")
+    return builders

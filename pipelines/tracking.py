@@ -1,0 +1,154 @@
+"""MLflow tracking: where runs go, how they open and close, and logging into one explicit run.
+
+Everything logs through ``RunLogger`` (an ``MlflowClient`` plus a run id) so that code running in
+threads or nested studies never depends on MLflow's thread-local "active run".
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_BATCH = 100  # MLflow's log_batch accepts at most 100 params per call
+
+
+def configure_tracking() -> str:
+    """Use $MLFLOW_TRACKING_URI when set, else the embedded SQLite store in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def git_commit() -> tuple[str, bool]:
+    """(commit, dirty) of the code being run; ('unknown', False) outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, check=True, timeout=10).stdout
+        return commit, bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+class RunLogger:
+    """Logs into one run by id. Safe to use from any thread."""
+
+    def __init__(self, run_id: str, client: MlflowClient | None = None):
+        self.run_id = run_id
+        self.client = client or MlflowClient()
+
+    @property
+    def experiment_id(self) -> str:
+        return self.client.get_run(self.run_id).info.experiment_id
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for start in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, params=items[start: start + _BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import time
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start: start + _BATCH])
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        import matplotlib.pyplot as plt
+        try:
+            self.client.log_figure(self.run_id, figure, artifact_file)
+        finally:
+            plt.close(figure)
+
+    def log_dict(self, data, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+
+def resolve_experiment_id(client: MlflowClient, name: str | None) -> str:
+    """The experiment named (created if needed), else $MLFLOW_EXPERIMENT_ID/NAME, else Default."""
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if not name and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = name or "Default"
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def start_run(client: MlflowClient, experiment: str | None = None, run_name: str | None = None,
+              parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+    """Create a run explicitly (no global state). Child runs carry their parent's id as a tag."""
+    all_tags = dict(tags or {})
+    if run_name:
+        all_tags[MLFLOW_RUN_NAME] = run_name
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+    else:
+        experiment_id = resolve_experiment_id(client, experiment)
+    return client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
+
+
+def end_run_for(client: MlflowClient, run_id: str, error: BaseException | None) -> None:
+    """Close a run with the status its outcome deserves; the error text goes along with it."""
+    if error is None:
+        client.set_terminated(run_id, "FINISHED")
+        return
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    message = "".join(traceback.format_exception_only(type(error), error)).strip() or type(error).__name__
+    try:
+        client.set_tag(run_id, "error", message[:5000])
+        if status == "FAILED":
+            client.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
+    finally:
+        client.set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def entry_point_run(experiment: str | None = None, run_name: str | None = None,
+                    tags: Mapping[str, str] | None = None) -> Iterator[RunLogger]:
+    """The run of an entry point: the one `mlflow run` created ($MLFLOW_RUN_ID), else a new one.
+
+    Whatever happens inside, the run does not stay RUNNING: FINISHED on success, KILLED on
+    Ctrl-C, FAILED on an error.
+    """
+    client = MlflowClient()
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        if run_name:
+            client.set_tag(run_id, MLFLOW_RUN_NAME, run_name)
+        if tags:
+            RunLogger(run_id, client).set_tags(tags)
+    else:
+        run_id = start_run(client, experiment, run_name, tags=tags)
+    logger = RunLogger(run_id, client)
+    try:
+        yield logger
+    except BaseException as error:
+        end_run_for(client, run_id, error)
+        raise
+    end_run_for(client, run_id, None)
+
+
+def command_line() -> str:
+    return " ".join([os.path.basename(sys.executable), *sys.argv])

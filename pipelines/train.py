@@ -1,0 +1,204 @@
+"""Training: one function, ``train``, used by the `train` entry point, Optuna trials and `reproduce`.
+
+Losses are nats per example: reconstruction summed over pixels, KL summed over latent
+dimensions, both averaged over the batch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+import cvae
+from cvae import CVAE, kl_weight_at, negative_elbo
+from pipelines.config import RunConfig, flatten
+from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
+from pipelines.execution import (autocast, configure_determinism, device_description, grad_scaler,
+                                 is_deterministic, resolve_device, seed_everything)
+from pipelines.tracking import RunLogger, git_commit
+
+EVAL_BATCH = 1000
+EpochCallback = Callable[[int, dict], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: a loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    model: CVAE
+    splits: DatasetSplits
+    history: list[dict]
+    best_epoch: int
+    best_val_loss: float
+    test_metrics: dict
+    stopped_early: bool
+    device: torch.device
+    seeds: dict = field(default_factory=dict)
+    determinism: dict = field(default_factory=dict)
+    model_uri: str | None = None
+    model_id: str | None = None
+
+
+def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    opt = config.optim
+    if opt.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=0.9, weight_decay=opt.weight_decay)
+    cls = torch.optim.AdamW if opt.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+def _conditioning_labels(model: CVAE, labels: torch.Tensor):
+    return labels if model.config.conditional else None
+
+
+@torch.no_grad()
+def evaluate_split(model: CVAE, split: SplitData, batcher: Batcher, config: RunConfig,
+                   device: torch.device) -> dict[str, float]:
+    """Loss terms over a whole split at the configured β (no warm-up), nats per example."""
+    model.eval()
+    totals = torch.zeros(3, device=device, dtype=torch.float64)
+    for x, y in batcher.eval_batches(split, EVAL_BATCH):
+        with autocast(config.execution, device):
+            out = model(x, _conditioning_labels(model, y))
+        terms = negative_elbo(model.reconstruction_nll(out.decoded.float(), x), out.mu.float(),
+                              out.logvar.float(), out.z.float(), config.objective.kl_weight,
+                              config.objective.free_bits, config.objective.kl_estimator)
+        totals += torch.stack([terms.loss, terms.recon, terms.kl]).double() * len(y)
+    loss, recon, kl = (totals / len(split)).tolist()
+    return {"loss": loss, "recon": recon, "kl": kl, "neg_elbo": recon + kl}
+
+
+def _train_epoch(model, optimizer, scaler, batcher, split, config, device, epoch, bar) -> dict[str, float]:
+    model.train()
+    steps = math.ceil(len(split) / config.optim.batch_size)
+    totals = torch.zeros(3, device=device, dtype=torch.float64)
+    beta = config.objective.kl_weight
+    for step, (x, y) in enumerate(batcher.train_batches(split, config.optim.batch_size)):
+        beta = kl_weight_at(config.objective, epoch - 1 + step / steps)
+        with autocast(config.execution, device):
+            out = model(x, _conditioning_labels(model, y))
+        terms = negative_elbo(model.reconstruction_nll(out.decoded.float(), x), out.mu.float(),
+                              out.logvar.float(), out.z.float(), beta, config.objective.free_bits,
+                              config.objective.kl_estimator)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(terms.loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            terms.loss.backward()
+        if config.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        # Accumulate on the device: a .item() per step would synchronise with the GPU every batch.
+        totals += torch.stack([terms.loss.detach(), terms.recon.detach(), terms.kl.detach()]).double() * len(y)
+        bar.update(len(y))
+    loss, recon, kl = (totals / len(split)).tolist()
+    if not all(math.isfinite(v) for v in (loss, recon, kl)):
+        raise NonFiniteLossError(f"training loss became non-finite in epoch {epoch} "
+                                 f"(loss={loss}, recon={recon}, kl={kl}); lower optim.lr or set optim.grad_clip")
+    return {"loss": loss, "recon": recon, "kl": kl, "kl_weight": beta}
+
+
+def run_tags(config: RunConfig, device: torch.device) -> dict[str, str]:
+    commit, dirty = git_commit()
+    info = device_description(device)
+    return {"dataset": config.data.dataset, "arch": config.model.arch,
+            "conditioning": config.model.conditioning, "device": info["device"],
+            "device_name": info["device_name"], "torch_version": info["torch_version"],
+            "cuda_version": info["cuda_version"], "git_commit": commit, "git_dirty": str(dirty).lower(),
+            **({"preset": config.preset} if config.preset else {})}
+
+
+def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCallback | None = None,
+          splits: DatasetSplits | None = None, log_artifacts: bool = True) -> TrainResult:
+    """Train one model from ``config``; log params, per-epoch metrics, figures and the model.
+
+    ``on_epoch(epoch, metrics)`` runs after each epoch's validation (Optuna reports and prunes
+    there; an exception it raises stops training and propagates).
+    """
+    device = resolve_device(config.execution)
+    determinism = configure_determinism(is_deterministic(config.execution, device))
+    seeds = seed_everything(config.execution.seed)
+    splits = splits or load_splits(config.data, device)
+    model = cvae.build(config.model, splits.image_shape, splits.num_classes).to(device)
+    optimizer = build_optimizer(config, model)
+    scaler = grad_scaler(config.execution, device)
+    batcher = Batcher(config.data.binarize, config.execution.seed, device)
+    if logger:
+        logger.log_params(flatten(config))
+        logger.set_tags(run_tags(config, device))
+
+    history: list[dict] = []
+    best_val, best_epoch, best_state, stale = math.inf, 0, None, 0
+    interactive = sys.stderr.isatty()
+    stopped_early = False
+    for epoch in range(1, config.optim.epochs + 1):
+        started = time.perf_counter()
+        with tqdm(total=len(splits.train), desc=f"epoch {epoch}/{config.optim.epochs}", unit="img",
+                  disable=not interactive, leave=False) as bar:
+            train_terms = _train_epoch(model, optimizer, scaler, batcher, splits.train, config, device, epoch, bar)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - started
+        val_terms = evaluate_split(model, splits.val, batcher, config, device)
+        metrics = {**{f"train/{k}": v for k, v in train_terms.items()},
+                   **{f"val/{k}": v for k, v in val_terms.items()},
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - started,
+                   "examples_per_s": len(splits.train) / train_seconds}
+        history.append({"epoch": epoch, **metrics})
+        if logger:
+            logger.log_metrics(metrics, step=epoch)
+        print(f"epoch {epoch}: train/loss {train_terms['loss']:.2f}  val/loss {val_terms['loss']:.2f}  "
+              f"val/recon {val_terms['recon']:.2f}  val/kl {val_terms['kl']:.2f}  "
+              f"{metrics['examples_per_s']:.0f} img/s", flush=True)
+        if not math.isfinite(val_terms["loss"]):
+            raise NonFiniteLossError(f"validation loss became non-finite in epoch {epoch}")
+        if val_terms["loss"] < best_val:
+            best_val, best_epoch, stale = val_terms["loss"], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        if config.optim.patience and stale >= config.optim.patience:
+            stopped_early = True
+            print(f"early stopping: no val/loss improvement for {stale} epochs; best epoch {best_epoch}", flush=True)
+            break
+
+    model.load_state_dict(best_state)
+    test_terms = evaluate_split(model, splits.test, batcher, config, device)
+    test_metrics = {f"test/{k}": v for k, v in test_terms.items()}
+    result = TrainResult(model=model, splits=splits, history=history, best_epoch=best_epoch,
+                         best_val_loss=best_val, test_metrics=test_metrics, stopped_early=stopped_early,
+                         device=device, seeds=seeds, determinism=determinism)
+    if logger:
+        logger.log_metrics({**test_metrics, "best_epoch": best_epoch, "best_val_loss": best_val},
+                           step=best_epoch)
+        if log_artifacts:
+            log_run_artifacts(logger, result, config, batcher)
+    return result
+
+
+def log_run_artifacts(logger: RunLogger, result: TrainResult, config: RunConfig, batcher: Batcher) -> None:
+    from pipelines.model_io import log_model
+    from pipelines.run_figures import figure_builders
+
+    with torch.no_grad():
+        for path, draw in figure_builders(result.model, result.splits, batcher, result.history).items():
+            logger.log_figure(draw(), path)
+    logger.log_dict(result.splits.summary(), "data.json")
+    info = log_model(logger, result.model, config)
+    result.model_uri, result.model_id = info.model_uri, info.model_id
+    logger.set_tags({"model_uri": info.model_uri})
