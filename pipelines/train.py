@@ -24,6 +24,7 @@ from pipelines.execution import (autocast, configure_determinism, device_descrip
 from pipelines.tracking import RunLogger, git_commit
 
 EVAL_BATCH = 1000
+EVAL_SEED = 1234
 EpochCallback = Callable[[int, dict], None]
 
 
@@ -62,12 +63,17 @@ def _conditioning_labels(model: CVAE, labels: torch.Tensor):
 @torch.no_grad()
 def evaluate_split(model: CVAE, split: SplitData, batcher: Batcher, config: RunConfig,
                    device: torch.device) -> dict[str, float]:
-    """Loss terms over a whole split at the configured β (no warm-up), nats per example."""
+    """Loss terms over a whole split at the configured β (no warm-up), nats per example.
+
+    The posterior samples come from a fixed seed, so the same weights always give the same
+    numbers: a reloaded model can be checked against its logged metrics.
+    """
     model.eval()
     totals = torch.zeros(3, device=device, dtype=torch.float64)
+    generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
     for x, y in batcher.eval_batches(split, EVAL_BATCH):
         with autocast(config.execution, device):
-            out = model(x, _conditioning_labels(model, y))
+            out = model(x, _conditioning_labels(model, y), generator=generator)
         terms = negative_elbo(model.reconstruction_nll(out.decoded.float(), x), out.mu.float(),
                               out.logvar.float(), out.z.float(), config.objective.kl_weight,
                               config.objective.free_bits, config.objective.kl_estimator)
@@ -196,9 +202,12 @@ def log_run_artifacts(logger: RunLogger, result: TrainResult, config: RunConfig,
     from pipelines.run_figures import figure_builders
 
     with torch.no_grad():
-        for path, draw in figure_builders(result.model, result.splits, batcher, result.history).items():
+        for path, draw in figure_builders(result.model, result.splits, batcher, result.history,
+                                          preset=config.preset).items():
             logger.log_figure(draw(), path)
     logger.log_dict(result.splits.summary(), "data.json")
     info = log_model(logger, result.model, config)
     result.model_uri, result.model_id = info.model_uri, info.model_id
     logger.set_tags({"model_uri": info.model_uri})
+    from pipelines.manifest import log_manifest
+    log_manifest(logger, config, result)

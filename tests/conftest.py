@@ -62,7 +62,9 @@ def store(tmp_path, data_dir) -> Store:
     MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
            "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1", "PYTHONPATH": str(REPO),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1",
+           # `mlflow run --env-manager local` runs `python` from PATH: make it this interpreter.
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     env.pop("MLFLOW_RUN_ID", None)
     return Store(root=tmp_path, uri=uri, env=env)
 

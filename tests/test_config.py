@@ -1,0 +1,78 @@
+"""The one configuration object: validation, flattening to MLflow params, CLI flags, MLproject."""
+import argparse
+
+import pytest
+import yaml
+
+from cvae.config import ConfigError
+from pipelines.config import (RunConfig, add_config_arguments, config_from_args, field_index, flatten,
+                              from_dict, from_params, to_dict, with_overrides)
+from conftest import REPO
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv)))
+
+
+def test_params_round_trip_rebuilds_the_configuration():
+    config = with_overrides(RunConfig(), {"model.hidden": "64,16,8", "model.latent_dim": 3, "lr": 3e-4,
+                                          "batch_norm": "true", "dataset": "kmnist"})
+    params = flatten(config)
+    assert params["model.hidden"] == "64,16,8" and params["optim.lr"] == "0.0003"
+    assert from_params(params) == config
+    assert from_dict(to_dict(config)) == config
+
+
+def test_mlflow_float_params_parse_as_integers():
+    assert with_overrides(RunConfig(), {"latent_dim": "16.0", "epochs": "3.0"}).model.latent_dim == 16
+
+
+def test_cli_flags_override_preset_and_empty_means_not_given():
+    config = parse("--preset", "mlp-2d", "--latent-dim", "", "--epochs", "3", "--set", "model.activation=silu")
+    assert config.model.latent_dim == 2  # from the preset: the empty flag did not override it
+    assert config.optim.epochs == 3 and config.model.activation == "silu" and config.preset == "mlp-2d"
+    assert parse("--latent_dim", "5").model.latent_dim == 5  # the form `mlflow run` appends
+
+
+@pytest.mark.parametrize("overrides, field, accepted", [
+    ({"arch": "transformer"}, "model.arch", "mlp"),
+    ({"latent_dim": 0}, "model.latent_dim", ">= 1"),
+    ({"lr": -0.1}, "optim.lr", "> 0"),
+    ({"dataset": "cifar"}, "data.dataset", "fashion-mnist"),
+    ({"conditioning": "film"}, "model.conditioning", "channel"),
+    ({"likelihood": "poisson"}, "model.likelihood", "gaussian"),
+    ({"device": "tpu"}, "execution.device", "cuda:N"),
+    ({"hidden": "64,x"}, "model.hidden", "comma-separated"),
+    ({"latent_dim": "2.5"}, "model.latent_dim", "integer"),
+    ({"no_such_field": 1}, "no_such_field", "latent_dim"),
+])
+def test_invalid_values_name_the_field_and_what_is_accepted(overrides, field, accepted):
+    with pytest.raises(ConfigError) as error:
+        with_overrides(RunConfig(), overrides)
+    assert field in str(error.value) and accepted in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="preset='nope'.*default"):
+        parse("--preset", "nope")
+
+
+def test_short_field_names_are_unique_across_sections():
+    index = field_index()
+    assert len(index) == sum(len(fields) for fields in [
+        RunConfig().data.__dataclass_fields__, RunConfig().model.__dataclass_fields__,
+        RunConfig().objective.__dataclass_fields__, RunConfig().optim.__dataclass_fields__,
+        RunConfig().execution.__dataclass_fields__])
+
+
+def test_mlproject_train_parameters_are_configuration_fields():
+    project = yaml.safe_load((REPO / "MLproject").read_text())
+    index = field_index()
+    for entry in ("main", "train"):
+        spec = project["entry_points"][entry]
+        for name in spec["parameters"]:
+            assert name == "preset" or name in index, f"{entry}: {name} is no configuration field"
+            assert "{" + name + "}" in spec["command"], f"{entry}: {name} is not passed to the command"
