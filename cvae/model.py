@@ -64,7 +64,9 @@ class CVAE(nn.Module):
                              f"shape={tuple(labels.shape)}")
         if labels.shape[0] != batch:
             raise ValueError(f"got {labels.shape[0]} labels for a batch of {batch}")
-        if labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
+        # The range check synchronises with the GPU, so the training hot path (dataset labels,
+        # always valid) skips it; inference, where user labels arrive, keeps it.
+        if not self.training and labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
             bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
             raise ValueError(f"label {bad} is outside [0, {self.num_classes}) for a model with "
                              f"num_classes={self.num_classes}")

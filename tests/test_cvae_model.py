@@ -129,7 +129,7 @@ def test_unconditional_ignores_labels_and_needs_none():
 
 @pytest.mark.parametrize("arch", ["mlp", "conv-transpose"])
 def test_wrong_labels_raise_clear_errors(arch):
-    model = _model(**ARCHS[arch], conditioning="concat")
+    model = _model(**ARCHS[arch], conditioning="concat").eval()  # inference validates label ranges
     x, _ = _batch()
     with pytest.raises(ValueError, match="labels are required"):
         model(x, None)
