@@ -3,6 +3,7 @@ from cvae.config import ConfigError, ModelConfig, ObjectiveConfig
 from cvae.model import CVAE, CVAEOutput, build
 from cvae.objective import LossTerms, gaussian_kl, kl_weight_at, monte_carlo_kl, negative_elbo
 from cvae.registry import architecture_names, build_networks, register_architecture
+import cvae.reference  # noqa: F401  (registers the reference notebooks' architectures)
 
 __all__ = [
     "build", "CVAE", "CVAEOutput", "ModelConfig", "ObjectiveConfig", "ConfigError",

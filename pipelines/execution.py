@@ -85,3 +85,31 @@ def device_description(device: torch.device) -> dict[str, str]:
     else:
         info["device_name"] = "cpu"
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware_description(device: torch.device) -> dict[str, object]:
+    """What the run ran on: device type, GPU model and count, CPU model and core count."""
+    on_cuda = device.type == "cuda"
+    return {
+        "device": str(device),
+        "device_type": device.type,
+        "gpu_model": device_description(device)["device_name"] if on_cuda else None,
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -117,3 +117,30 @@ def loss_curves(history: Sequence[Mapping[str, float]], keys: Sequence[str] = ("
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def labelled_images(images: torch.Tensor, labels: Sequence[str], title: str) -> plt.Figure:
+    """One row of images, each captioned: e.g. the decode of every class at one latent point."""
+    fig, ax = plt.subplots(figsize=(max(4, len(images) * 0.9), 1.9))
+    _show(ax, _tile(images, nrow=len(images)))
+    width = images.shape[-1] + 2
+    ax.set_xticks([2 + width * (c + 0.5) for c in range(len(images))])
+    ax.set_xticklabels(labels, fontsize=7, rotation=30)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def image_table(columns: Sequence[torch.Tensor], column_titles: Sequence[str], title: str) -> plt.Figure:
+    """A row per example and a captioned column per stage, e.g. input | binarized | reconstruction."""
+    rows = len(columns[0])
+    interleaved = torch.stack([c.detach().float().cpu() for c in columns], dim=1).flatten(0, 1)
+    fig, ax = plt.subplots(figsize=(len(columns) * 1.3 + 0.5, rows * 1.1 + 0.8))
+    _show(ax, _tile(interleaved, nrow=len(columns)))
+    width = columns[0].shape[-1] + 2
+    ax.xaxis.tick_top()
+    ax.set_xticks([2 + width * (c + 0.5) for c in range(len(columns))])
+    ax.set_xticklabels(column_titles, fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,34 +1,19 @@
-"""The figures a training run logs, computed from a trained model and the test split."""
+"""The figures a training run logs, computed from a trained model and its data splits."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 from cvae import CVAE
 from pipelines import figures
 from pipelines.data import Batcher, DatasetSplits
+from pipelines.preset_figures import preset_figure_builders, split_latents
 
 SCATTER_POINTS = 5000
 TRAVERSAL_GRID = 15
 TRAVERSAL_EXTENT = 2.0
-
-
-@torch.no_grad()
-def test_latents(model: CVAE, splits: DatasetSplits, batcher: Batcher, batch_size: int = 1000,
-                 limit: int = SCATTER_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    means, labels = [], []
-    seen = 0
-    for x, y in batcher.eval_batches(splits.test, batch_size):
-        mu, _ = model.encode(x, y if model.config.conditional else None)
-        means.append(mu.float().cpu())
-        labels.append(y.cpu())
-        seen += len(y)
-        if seen >= limit:
-            break
-    return torch.cat(means)[:limit].numpy(), torch.cat(labels)[:limit].numpy()
 
 
 def _labels_for(model: CVAE, y: torch.Tensor | None):
@@ -37,8 +22,11 @@ def _labels_for(model: CVAE, y: torch.Tensor | None):
 
 @torch.no_grad()
 def figure_builders(model: CVAE, splits: DatasetSplits, batcher: Batcher, history: Sequence[dict],
-                    traversal_class: int = 0) -> dict[str, Callable[[], plt.Figure]]:
-    """Artifact path -> a function that draws the figure (so callers can draw one at a time)."""
+                    traversal_class: int = 0, preset: str = "") -> dict[str, Callable[[], plt.Figure]]:
+    """Artifact path -> a function that draws the figure (so callers can draw one at a time).
+
+    The generic figures, plus those of ``preset``'s reference notebook (see ``preset_figures``).
+    """
     model.eval()
     device = next(model.parameters()).device
     x, y = next(batcher.eval_batches(splits.test, 10))
@@ -46,7 +34,7 @@ def figure_builders(model: CVAE, splits: DatasetSplits, batcher: Batcher, histor
     builders: dict[str, Callable[[], plt.Figure]] = {
         "figures/loss_curves.png": lambda: figures.loss_curves(history),
         "figures/latent_scatter_test.png": lambda: figures.latent_scatter(
-            *test_latents(model, splits, batcher), names,
+            *split_latents(model, splits.test, batcher, SCATTER_POINTS), names,
             title=f"Test-set latent means by label ({model.config.latent_dim}-D)"),
         "figures/reconstructions.png": lambda: figures.reconstruction_grid(
             x, model.reconstruct(x, _labels_for(model, y))),
@@ -72,4 +60,5 @@ def figure_builders(model: CVAE, splits: DatasetSplits, batcher: Batcher, histor
             builders["figures/latent_manifold.png"] = lambda: figures.latent_grid(
                 model.mean_image(model.decode(points, None)), TRAVERSAL_GRID, TRAVERSAL_EXTENT,
                 "2-D latent manifold")
+    builders.update(preset_figure_builders(preset, model, splits, batcher))
     return builders

@@ -1,0 +1,68 @@
+"""`reproduce` entry point: re-run a logged run from its manifest and check that it agrees.
+
+Exit 0 when the re-run agrees with the record within tolerance, 1 when it differs (the new run
+still ends FINISHED; its `reproduction_verdict` tag says which), 2 for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Sequence
+
+from pipelines.entrypoints.common import UserError, run_main
+
+EXIT_DIFFERS = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.entrypoints.reproduce",
+        description="Re-run a logged training run (or study trial) from its manifest.json, in a new "
+                    "MLflow run tagged reproduces=<id>, and compare metrics and weights with the original.")
+    parser.add_argument("--run-id", required=True, help="id of the MLflow run to reproduce")
+    parser.add_argument("--tolerance", default="",
+                        help="relative tolerance on metrics and absolute tolerance on weights; empty: "
+                             "0 (bitwise) for deterministic CPU runs, 1e-3 for deterministic GPU runs, "
+                             "1e-2 for non-deterministic ones")
+    parser.add_argument("--data-dir", default="",
+                        help="where the dataset lies on this machine, if not where the original read it "
+                             "(its checksums are still compared)")
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment of the re-run (default: $MLFLOW_EXPERIMENT_NAME, else "
+                             "the original's)")
+    parser.add_argument("--run-name", default=None, help="MLflow run name of the re-run")
+    return parser
+
+
+def parse_tolerance(text: str) -> float | None:
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise UserError(f"tolerance={text!r} is not valid; expected a number >= 0, or empty for the default")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tolerance = parse_tolerance(args.tolerance)
+    from pipelines.reproduce import AGREES, reproduce_run  # heavy imports once the input parses
+
+    report = reproduce_run(args.run_id, tolerance, args.experiment, args.run_name, args.data_dir or None)
+    weights = report["weights"]
+    print(f"reproduction of run {report['original_run_id']} by run {report['rerun_run_id']}: "
+          f"{report['verdict'].upper()}")
+    print(f"  max |weight difference| {weights['max_abs_diff']}, weights identical: {weights['identical']}; "
+          f"tolerance {report['tolerance']['metrics_rel']:g} ({report['tolerance']['reason']})")
+    for difference in report["differences"]:
+        print(f"  differs: {difference}")
+    for warning in report["warnings"]:
+        print(f"  warning: {warning}")
+    return 0 if report["verdict"] == AGREES else EXIT_DIFFERS
+
+
+if __name__ == "__main__":
+    run_main(main)

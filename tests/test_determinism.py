@@ -1,0 +1,52 @@
+"""Deterministic mode: two CPU runs with the same configuration and seed are bitwise identical."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.config import RunConfig, with_overrides
+from pipelines.manifest import result_metrics, weights_sha256
+
+TINY = {"data.dataset": "fashion-mnist", "data.limit_train": 600, "data.val_size": 200,
+        "data.limit_test": 200, "model.hidden": "64,32", "optim.epochs": 2, "execution.device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir):
+    """Three in-process trainings: seed 0 twice, seed 1 once (each loads its own data)."""
+    from pipelines.train import train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CVAE_DATA_DIR", str(data_dir))
+        patch.setenv("CVAE_OFFLINE", "1")
+        base = with_overrides(RunConfig(), TINY)
+        return {"first": train(base), "again": train(base),
+                "other_seed": train(with_overrides(base, {"execution.seed": 1}))}
+
+
+def test_deterministic_is_the_default_on_cpu(runs):
+    settings = runs["first"].determinism
+    assert settings["deterministic"] and settings["use_deterministic_algorithms"]
+    assert settings["cudnn_deterministic"] and not settings["cudnn_benchmark"]
+    assert settings["CUBLAS_WORKSPACE_CONFIG"]
+    assert runs["first"].seeds == {"python": 0, "numpy": 0, "torch": 0, "cuda": 0}
+
+
+def test_same_seed_gives_bitwise_identical_weights_and_metrics(runs):
+    first, again = runs["first"].model.state_dict(), runs["again"].model.state_dict()
+    assert first.keys() == again.keys()
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+    assert weights_sha256(first) == weights_sha256(again)
+    assert result_metrics(runs["first"]) == result_metrics(runs["again"])
+    timing_free = [{k: v for k, v in row.items() if k not in ("epoch_time_s", "examples_per_s")}
+                   for row in runs["first"].history]
+    assert timing_free == [{k: v for k, v in row.items() if k not in ("epoch_time_s", "examples_per_s")}
+                           for row in runs["again"].history]
+
+
+def test_different_seed_gives_different_weights_and_metrics(runs):
+    first, other = runs["first"].model.state_dict(), runs["other_seed"].model.state_dict()
+    assert all(not torch.equal(first[name], other[name]) for name in first if first[name].is_floating_point())
+    assert weights_sha256(first) != weights_sha256(other)
+    assert runs["first"].test_metrics["test/loss"] != runs["other_seed"].test_metrics["test/loss"]
