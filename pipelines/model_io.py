@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from pipelines.config import RunConfig, flatten
 from pipelines.tracking import REPO_ROOT, RunLogger
 
 MODEL_NAME = "model"
+GENERATOR_NAME = "generator"
 
 
 def signature_for(model: CVAE) -> ModelSignature:
@@ -42,15 +45,43 @@ def log_model(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInfo:
     cpu_model = model.to("cpu").eval()
     try:
         with _quiet_expected_mlflow_warnings():
-            return mlflow.pytorch.log_model(
+            info = mlflow.pytorch.log_model(
                 cpu_model, name=MODEL_NAME, run_id=logger.run_id,
                 signature=signature_for(cpu_model), input_example=input_example_for(cpu_model),
                 code_paths=[str(REPO_ROOT / "cvae")], params=flatten(config),
                 serialization_format="pickle",
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
+        log_generator(logger, cpu_model, config)
+        return info
     finally:
         model.to(device)
+
+
+def log_generator(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInfo:
+    """Log the generator pyfunc (labels in, images out) as its own LoggedModel, GENERATOR_NAME,
+    and tag the run with its URI (`generator_model_uri`) so `mlflow models serve` can find it."""
+    from mlflow.models import Model
+
+    import mlflow.pyfunc
+    from pipelines import generator_model
+    from pipelines.data import DATASET_CLASSES
+
+    class_names = list(DATASET_CLASSES[config.data.dataset].classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.pt")
+        torch.save(model.state_dict(), weights)
+        # Model.log, not mlflow.pyfunc.log_model: only it takes an explicit run_id.
+        info = Model.log(
+            artifact_path=None, name=GENERATOR_NAME, flavor=mlflow.pyfunc, run_id=logger.run_id,
+            python_model=generator_model.__file__, model_config=generator_model.generator_spec(model, class_names),
+            artifacts={generator_model.WEIGHTS_ARTIFACT: weights}, code_paths=[str(REPO_ROOT / "cvae")],
+            signature=generator_model.generator_signature(model),
+            input_example=generator_model.generator_input_example(model), params=flatten(config),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+    logger.set_tags({"generator_model_uri": info.model_uri})
+    return info
 
 
 class _DropMessages(logging.Filter):

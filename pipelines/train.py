@@ -198,6 +198,7 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
 
 
 def log_run_artifacts(logger: RunLogger, result: TrainResult, config: RunConfig, batcher: Batcher) -> None:
+    from pipelines.evaluate import log_training_evaluation
     from pipelines.model_io import log_model
     from pipelines.run_figures import figure_builders
 
@@ -206,6 +207,7 @@ def log_run_artifacts(logger: RunLogger, result: TrainResult, config: RunConfig,
                                           preset=config.preset).items():
             logger.log_figure(draw(), path)
     logger.log_dict(result.splits.summary(), "data.json")
+    log_training_evaluation(logger, result.model, result.splits, batcher, config, step=result.best_epoch)
     info = log_model(logger, result.model, config)
     result.model_uri, result.model_id = info.model_uri, info.model_id
     logger.set_tags({"model_uri": info.model_uri})

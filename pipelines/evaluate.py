@@ -1,0 +1,153 @@
+"""Evaluation of a trained CVAE on the held-out test set, in nats per example.
+
+- ``test/neg_elbo``, ``test/recon``, ``test/kl``: the negative ELBO and its two terms;
+- ``test/iwae_nll_k{K}``: the importance-weighted bound of -log p(x) with K samples per example;
+- ``test/active_units`` (posterior-mean variance over the test set > 0.01) and ``test/kl_dim_{i}``;
+- conditional models: ``test/sample_accuracy`` (the auxiliary classifier's accuracy on samples
+  conditioned on the test labels), ``test/sample_frechet_distance`` (samples vs real test images
+  in the classifier's penultimate features) and ``classifier/test_accuracy``.
+
+Training runs log the cheap part (``log_training_evaluation``: ELBO terms come from training,
+IWAE with TRAINING_IWAE_K samples, active units, KL per dimension); ``evaluate_model`` does all.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from cvae import CVAE, gaussian_kl
+from cvae.evaluation import active_units, iwae_nll, unit_activity
+from pipelines.classifier import DEFAULT_EPOCHS, as_unit_floats, get_classifier, judge_samples
+from pipelines.config import DataConfig, RunConfig, flatten
+from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
+from pipelines.execution import seed_everything
+from pipelines.model_resolution import ResolvedModel, load_cvae
+from pipelines.tracking import RunLogger
+from pipelines.train import evaluate_split
+
+DEFAULT_IWAE_K = 1000
+# A few seconds for the default MLP on the 10k test images on two CPU cores (2-7 s measured on a busy machine).
+TRAINING_IWAE_K = 10
+IWAE_BATCH = 500  # test images per IWAE batch
+DEFAULT_IMAGES_PER_PASS = 10_000  # decoded images held at once: k is split into chunks to fit
+ACTIVE_UNIT_THRESHOLD = 0.01
+MAX_KL_DIM_METRICS = 32  # above this, KL per dimension only goes to the JSON artifact
+SAMPLE_BATCH = 1000
+UNITS_ARTIFACT = "evaluation/latent_units.json"
+
+
+def _labels_for(model: CVAE, labels: torch.Tensor) -> torch.Tensor | None:
+    return labels if model.conditional else None
+
+
+@torch.no_grad()
+def latent_statistics(model: CVAE, split: SplitData, batcher: Batcher) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means (N, D) over the split and the mean closed-form KL of each dimension (D,)."""
+    model.eval()
+    means, kl_sum = [], None
+    for x, y in batcher.eval_batches(split, IWAE_BATCH):
+        mu, logvar = model.encode(x, _labels_for(model, y))
+        means.append(mu.float())
+        batch_kl = gaussian_kl(mu, logvar).double().sum(dim=0)
+        kl_sum = batch_kl if kl_sum is None else kl_sum + batch_kl
+    return torch.cat(means), kl_sum / len(split)
+
+
+def iwae_estimate(model: CVAE, split: SplitData, batcher: Batcher, k: int, seed: int,
+                  images_per_pass: int = DEFAULT_IMAGES_PER_PASS) -> float:
+    """Mean over the split of the IWAE bound of -log p(x), nats per example."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    chunk = max(1, images_per_pass // IWAE_BATCH)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in batcher.eval_batches(split, IWAE_BATCH):
+        total += iwae_nll(model, x, _labels_for(model, y), k, chunk, generator).sum()
+    return float(total.item()) / len(split)
+
+
+def likelihood_metrics(model: CVAE, split: SplitData, batcher: Batcher, k: int, seed: int,
+                       images_per_pass: int = DEFAULT_IMAGES_PER_PASS) -> tuple[dict[str, float], dict]:
+    """(metrics, details): the IWAE bound, active units and KL per dimension; details holds the
+    per-dimension lists for the JSON artifact."""
+    means, kl_per_dim = latent_statistics(model, split, batcher)
+    activity = unit_activity(means)
+    metrics = {f"test/iwae_nll_k{k}": iwae_estimate(model, split, batcher, k, seed, images_per_pass),
+               "test/active_units": float(active_units(means, ACTIVE_UNIT_THRESHOLD))}
+    if len(kl_per_dim) <= MAX_KL_DIM_METRICS:
+        metrics.update({f"test/kl_dim_{i}": float(v) for i, v in enumerate(kl_per_dim.tolist())})
+    details = {"active_threshold": ACTIVE_UNIT_THRESHOLD, "active_units": int(metrics["test/active_units"]),
+               "kl_per_dim": kl_per_dim.tolist(), "posterior_mean_variance": activity.tolist(),
+               "iwae_k": k, "test_examples": len(split)}
+    return metrics, details
+
+
+@torch.no_grad()
+def conditional_samples(model: CVAE, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """One sample per label, in [0, 1], (N, C, H, W)."""
+    generator = torch.Generator(device=labels.device).manual_seed(seed)
+    return torch.cat([model.sample(labels[s: s + SAMPLE_BATCH], 1, generator=generator)
+                      for s in range(0, len(labels), SAMPLE_BATCH)])
+
+
+def sample_quality_metrics(model: CVAE, splits: DatasetSplits, data: DataConfig, device: torch.device,
+                           seed: int, classifier_train_size: int, classifier_epochs: int) -> dict[str, float]:
+    """Samples conditioned on the test labels, judged against the real (non-binarized) test images."""
+    classifier = get_classifier(data, device, classifier_train_size, classifier_epochs)
+    labels = splits.test.labels
+    samples = conditional_samples(model, labels, seed)
+    judged = judge_samples(classifier.net, samples, labels, as_unit_floats(splits.test.images))
+    return {"test/sample_accuracy": judged["accuracy"],
+            "test/sample_frechet_distance": judged["frechet_distance"],
+            "classifier/test_accuracy": classifier.test_accuracy}
+
+
+def evaluate_model(resolved: ResolvedModel, device: torch.device, logger: RunLogger | None = None,
+                   k: int = DEFAULT_IWAE_K, limit_test: int | None = None, data_dir: str = "",
+                   images_per_pass: int = DEFAULT_IMAGES_PER_PASS, seed: int = 0,
+                   classifier_train_size: int = 0, classifier_epochs: int = DEFAULT_EPOCHS) -> dict[str, float]:
+    """The full report for a logged model, logged to ``logger``'s run when given."""
+    config = resolved.config
+    data = config.data
+    if limit_test is not None:
+        data = replace(data, limit_test=limit_test)
+    if data_dir:
+        data = replace(data, data_dir=data_dir)
+    config = replace(config, data=data)
+    seed_everything(seed)  # the ELBO's single-sample z draws from the global generators
+    model = load_cvae(resolved, device)
+    splits = load_splits(data, device)
+    batcher = Batcher(data.binarize, seed, device)
+    elbo = evaluate_split(model, splits.test, batcher, config, device)
+    metrics = {"test/neg_elbo": elbo["neg_elbo"], "test/recon": elbo["recon"], "test/kl": elbo["kl"]}
+    likelihood, details = likelihood_metrics(model, splits.test, batcher, k, seed, images_per_pass)
+    metrics.update(likelihood)
+    if model.conditional:
+        metrics.update(sample_quality_metrics(model, splits, data, device, seed, classifier_train_size,
+                                              classifier_epochs))
+    if logger:
+        logger.log_params({**flatten(config), "evaluate.k": k, "evaluate.seed": seed,
+                           "evaluate.model_uri": resolved.model_uri,
+                           "evaluate.classifier_train_size": classifier_train_size,
+                           "evaluate.classifier_epochs": classifier_epochs})
+        logger.set_tags({"evaluated_model_uri": resolved.model_uri,
+                         "evaluated_model_id": resolved.model_id or "",
+                         "source_run_id": resolved.source_run_id or "", "dataset": data.dataset,
+                         **({"preset": config.preset} if config.preset else {})})
+        logger.log_metrics(metrics, step=0)
+        logger.log_dict(details, UNITS_ARTIFACT)
+    return metrics
+
+
+def log_training_evaluation(logger: RunLogger, model: CVAE, splits: DatasetSplits, batcher: Batcher,
+                            config: RunConfig, step: int) -> dict[str, float]:
+    """The cheap part, at the end of training, so the UI can sort runs by it."""
+    metrics, details = likelihood_metrics(model, splits.test, batcher, TRAINING_IWAE_K, config.execution.seed)
+    logger.log_metrics(metrics, step=step)
+    logger.log_dict(details, UNITS_ARTIFACT)
+    return metrics
+
+
+def summary_line(run_id: str, model_uri: str, metrics: dict[str, float]) -> str:
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items() if "/kl_dim_" not in name)
+    return f"evaluate run {run_id} for {model_uri}: {shown}"

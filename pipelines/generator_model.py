@@ -1,0 +1,119 @@
+"""The generator flavour of a logged CVAE: an MLflow pyfunc that turns requested labels (and
+optional latent vectors) into images, so `mlflow models serve` can answer sample requests.
+
+Request rows: ``label`` (int, required for a conditional model, ignored by an unconditional one)
+and optional ``z`` (a list of ``latent_dim`` floats; drawn from N(0, I) when absent). The answer
+is a float32 array (rows, C, H, W) of mean images in [0, 1].
+
+It is logged as a "model from code": MLflow executes this file when it loads the model, so it
+imports only cvae, torch, numpy, pandas and mlflow, never the pipelines package, and needs no
+pickle. The weights travel as a state dict and the architecture as the pyfunc model_config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature, set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+from mlflow.types import Schema, TensorSpec
+from mlflow.types.schema import Array, ColSpec
+
+import cvae
+from cvae import CVAE, ModelConfig
+
+WEIGHTS_ARTIFACT = "weights"
+
+
+class GenerationRequestError(MlflowException):
+    """A request the generator cannot answer; the scoring server returns it as HTTP 400."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def generator_spec(model: CVAE, class_names: list[str]) -> dict:
+    """Everything besides the weights needed to rebuild ``model`` (stored as the pyfunc model_config)."""
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
+    return {"model": config, "image_shape": list(model.image_shape), "num_classes": model.num_classes,
+            "class_names": list(class_names)}
+
+
+def generator_signature(model: CVAE) -> ModelSignature:
+    inputs = Schema([ColSpec("long", "label", required=model.conditional),
+                     ColSpec(Array("double"), "z", required=False)])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *model.image_shape), "images")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def generator_input_example(model: CVAE) -> pd.DataFrame:
+    return pd.DataFrame({"label": np.arange(2, dtype=np.int64) % model.num_classes})
+
+
+def _class_id(value, num_classes: int) -> int | None:
+    """The class id ``value`` stands for, or None when it is not an integer in [0, num_classes)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        label = int(value)
+        exact = float(value) == label
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return label if exact and 0 <= label < num_classes else None
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+class GeneratorModel(PythonModel):
+    def load_context(self, context):
+        spec = context.model_config
+        self.class_names = list(spec["class_names"])
+        self.model = cvae.build(ModelConfig(**spec["model"]), tuple(spec["image_shape"]), int(spec["num_classes"]))
+        state = torch.load(context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    def _labels(self, frame: pd.DataFrame) -> torch.Tensor | None:
+        if not self.model.conditional:
+            return None
+        classes = f"0..{self.model.num_classes - 1} ({', '.join(self.class_names)})"
+        if "label" not in frame.columns or frame["label"].isna().any():
+            raise GenerationRequestError(f"every row needs a 'label': this model is conditional; "
+                                         f"labels are {classes}")
+        labels = [_class_id(value, self.model.num_classes) for value in frame["label"]]
+        for value, label in zip(frame["label"], labels):
+            if label is None:
+                raise GenerationRequestError(f"label {value!r} is not valid; labels are {classes}")
+        return torch.tensor(labels, dtype=torch.long)
+
+    def _latents(self, frame: pd.DataFrame) -> torch.Tensor:
+        dim = self.model.latent_dim
+        z = torch.randn(len(frame), dim)
+        for row, value in enumerate(frame["z"] if "z" in frame.columns else []):
+            if _is_missing(value):
+                continue
+            vector = np.asarray(value, dtype=np.float64).reshape(-1)
+            if vector.shape[0] != dim or not np.isfinite(vector).all():
+                raise GenerationRequestError(f"z in row {row} is not valid; expected {dim} finite floats "
+                                             f"(the model's latent_dim), got {vector.shape[0]} values")
+            z[row] = torch.from_numpy(vector).float()
+        return z
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        labels = self._labels(frame)
+        z = self._latents(frame)
+        with torch.no_grad():
+            images = self.model.mean_image(self.model.decode(z, labels))
+        return images.float().numpy()
+
+
+# MLflow's models-from-code loader takes the model from here when it executes this file.
+set_model(GeneratorModel())

@@ -1,0 +1,154 @@
+"""`generate` through `mlflow run -e generate`, and the generator pyfunc served by a real
+`mlflow models serve` process on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.entrypoints.generate import GRID_ARTIFACT, GRID_PADDING
+from tests.conftest import TINY_PARAMS, assert_no_running
+from tests.test_evaluate import module_store
+
+LATENT_DIM = 4
+TILE = 28 + GRID_PADDING
+SERVE_START_TIMEOUT_S = 90
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """One short conditional training run, in a store shared by this module's tests."""
+    store = module_store(tmp_path_factory.mktemp("generate"), data_dir)
+    done = store.mlflow_run("train", {**TINY_PARAMS, "epochs": "1", "hidden": "64,32",
+                                      "latent_dim": str(LATENT_DIM)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = store.runs()
+    return SimpleNamespace(store=store, run=run)
+
+
+def _grid_size(rows: int, columns: int) -> tuple[int, int]:
+    return columns * TILE + GRID_PADDING, rows * TILE + GRID_PADDING  # PIL's (width, height)
+
+
+@pytest.mark.slow
+def test_generate_logs_a_grid_with_a_row_per_label(trained, tmp_path):
+    output = tmp_path / "grid.png"
+    done = trained.store.mlflow_run("generate", {"model_uri": trained.run.info.run_id, "labels": "0,1,2",
+                                                 "n": "8", "output": str(output)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = trained.store.runs("tags.generated_from != ''")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["generated_from"] == trained.run.data.tags["model_uri"]
+    logged = Path(trained.store.client.download_artifacts(run.info.run_id, GRID_ARTIFACT, str(tmp_path)))
+    assert logged.read_bytes() == output.read_bytes()
+    with Image.open(logged) as image:
+        assert image.size == _grid_size(rows=3, columns=8)
+        pixels = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+    tiles = [pixels[GRID_PADDING + r * TILE: (r + 1) * TILE, GRID_PADDING + c * TILE: (c + 1) * TILE]
+             for r in range(3) for c in range(8)]
+    assert all(t.shape == (28, 28) and t.std() > 0 for t in tiles)  # images, not blank padding
+
+
+@pytest.mark.slow
+def test_generate_rejects_a_label_outside_the_classes_in_one_line(trained):
+    done = trained.store.mlflow_run("generate", {"model_uri": trained.run.info.run_id, "labels": "3,10"})
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: labels='3,10' is not valid: '10' is not a class of this model; expected "
+                      "comma-separated class ids 0..9 (T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, "
+                      "Shirt, Sneaker, Bag, Ankle boot)"], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert_no_running(trained.store)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _wait_until_serving(url: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow models serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow models serve did not answer /ping in {SERVE_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_labels_with_images(trained, tmp_path):
+    import mlflow.pytorch
+
+    generator_uri = trained.run.data.tags["generator_model_uri"]
+    port = _free_loopback_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with open(log, "w") as log_file:
+        # Its own session, so the uvicorn worker it starts goes down with it.
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", generator_uri,
+                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                  cwd=trained.store.root, env=trained.store.env, stdout=log_file,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_until_serving(url, server, log)
+        status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 3}, {"label": 9}]})
+        assert status == 200, body
+        images = np.asarray(body["predictions"], dtype=np.float64)
+        assert images.shape == (2, 1, 28, 28)
+        assert images.min() >= 0.0 and images.max() <= 1.0
+
+        z = [[0.5, -1.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]]
+        status, body = _post(f"{url}/invocations",
+                             {"dataframe_records": [{"label": 3, "z": z[0]}, {"label": 7, "z": z[1]}]})
+        assert status == 200, body
+        served = torch.tensor(body["predictions"], dtype=torch.float32)
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(trained.store.uri)
+        try:
+            model = mlflow.pytorch.load_model(trained.run.data.tags["model_uri"], map_location="cpu").eval()
+        finally:
+            mlflow.set_tracking_uri(previous)
+        with torch.no_grad():
+            expected = model.mean_image(model.decode(torch.tensor(z), torch.tensor([3, 7])))
+        torch.testing.assert_close(served, expected, rtol=1e-5, atol=1e-5)  # the same decoder, served
+
+        status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 10}]})
+        assert status == 400 and "label 10 is not valid; labels are 0..9" in body["message"], body
+        status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 1, "z": [0.0]}]})
+        assert status == 400 and f"expected {LATENT_DIM} finite floats" in body["message"], body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
