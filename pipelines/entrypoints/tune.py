@@ -1,0 +1,110 @@
+"""`tune` entry point: an Optuna study whose trials are nested MLflow runs under one parent run.
+
+Configuration flags (``--epochs``, ``--limit-train``, ``--device``...) fix the study's base
+configuration for every trial; the search space overrides the rest.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from cvae.config import ConfigError
+from pipelines.config import add_config_arguments, config_from_args
+from pipelines.data import check_available
+from pipelines.entrypoints.common import run_main
+from pipelines.execution import resolve_device
+from pipelines.tracking import entry_point_run
+from pipelines.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, OBJECTIVES, PRUNERS, SAMPLERS, StudySettings,
+                            prepare_study, run_study)
+from search_spaces import resolve_space, space_names
+
+NO_REGISTRATION = "none"
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """``--n-trials`` and ``--n_trials`` alike: `mlflow run` passes unknown -P params underscored."""
+    flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+    parser.add_argument(*flags, dest=name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.entrypoints.tune",
+        description="Tune a conditional VAE with Optuna; every trial is a nested MLflow run. "
+                    "An empty value means 'not given'.")
+    study = parser.add_argument_group("study")
+    _flag(study, "study", default="cvae", help="study name; the same name and storage resume the study")
+    _flag(study, "storage", default=DEFAULT_STORAGE,
+          help=f"Optuna storage URL (default {DEFAULT_STORAGE}; journal:PATH for a journal file; "
+               "postgresql://... for many workers)")
+    _flag(study, "space", default="default",
+          help=f"search space: {', '.join(space_names())}, or path/to/file.py:function")
+    _flag(study, "objectives", default="nll",
+          help=f"comma-separated, all minimised: {', '.join(OBJECTIVES)} (e.g. recon,kl or nll,params "
+               "for a multi-objective study)")
+    _flag(study, "sampler", default="auto", help=f"{', '.join(SAMPLERS)} (auto: tpe, or nsga2 for several objectives)")
+    _flag(study, "sampler_seed", default="", help="sampler seed (default: --seed); give parallel workers different ones")
+    _flag(study, "pruner", default="median", help=f"{', '.join(PRUNERS)} (off in multi-objective studies)")
+    _flag(study, "pruner_startup_trials", default="5", help="median pruner: trials before any pruning")
+    _flag(study, "pruner_warmup_epochs", default="0", help="median pruner: epochs before a trial may be pruned")
+    _flag(study, "n_trials", default="",
+          help=f"trials this process runs (default {DEFAULT_TRIALS}, or unlimited when --timeout is given)")
+    _flag(study, "timeout", default="", help="stop starting trials after this many seconds")
+    _flag(study, "register_as", default="",
+          help=f"registered model name for the best trial's model, alias @best (default: the study name; "
+               f"'{NO_REGISTRATION}' registers nothing)")
+    _flag(study, "experiment", default=None, help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else Default)")
+    _flag(study, "run_name", default=None, help="name of the parent MLflow run (default: the study name)")
+    _flag(study, "list_spaces", action="store_true", help="print the search space names and exit")
+    add_config_arguments(parser)
+    return parser
+
+
+def _number(name: str, text: str, kind: type, default=None):
+    text = (text or "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)  # MLflow passes float-typed params as "20.0"
+        if kind is int:
+            if not value.is_integer():
+                raise ValueError
+            return int(value)
+        return value
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name}={text!r} is not valid; expected {expected}") from None
+
+
+def settings_from_args(args: argparse.Namespace, seed: int) -> StudySettings:
+    register_as = (args.register_as or "").strip() or args.study
+    return StudySettings(
+        name=args.study, storage=args.storage, space=args.space,
+        objectives=tuple(p.strip() for p in args.objectives.split(",") if p.strip()),
+        sampler=args.sampler, sampler_seed=_number("sampler_seed", args.sampler_seed, int, seed),
+        pruner=args.pruner,
+        pruner_startup_trials=_number("pruner_startup_trials", args.pruner_startup_trials, int, 5),
+        pruner_warmup_epochs=_number("pruner_warmup_epochs", args.pruner_warmup_epochs, int, 0),
+        n_trials=_number("n_trials", args.n_trials, int), timeout=_number("timeout", args.timeout, float),
+        register_as="" if register_as == NO_REGISTRATION else register_as)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_spaces:
+        print("\n".join(space_names()))
+        return 0
+    base = config_from_args(args)
+    settings = settings_from_args(args, base.execution.seed)
+    space = resolve_space(settings.space)
+    resolve_device(base.execution)
+    check_available(base.data)
+    study, sampler_seed = prepare_study(settings, base, args.experiment)
+    with entry_point_run(args.experiment, args.run_name or settings.name, tags={"study": settings.name}) as parent:
+        print(f"study {settings.name!r}: {len(study.trials)} trials so far; parent run {parent.run_id}", flush=True)
+        run_study(study, settings, space, base, parent, sampler_seed)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,208 @@
+"""MLflow records of a study: one child run per trial, and the parent run's summary.
+
+Every call names its run explicitly (``MlflowClient`` + run id): trials never go through MLflow's
+thread-local "active run". Optuna's ``MLflowCallback`` is not used: it is deprecated and logs
+after the trial ends, from one place, so it serialises trials and cannot see pruning as it happens.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import mlflow
+import optuna
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.entities.model_registry import ModelVersion
+from optuna.trial import FrozenTrial, TrialState
+
+from pipelines.tracking import RunLogger, end_run_for, start_run
+
+RUN_ID_ATTR = "mlflow_run_id"
+PARENT_RUN_ID_ATTR = "mlflow_parent_run_id"
+STATE_TAG = "trial_state"
+BEST_ALIAS = "best"
+REGISTRATION_ATTEMPTS = 3  # a tracking server's registry may still race between workers
+
+
+def _local_sqlite_file(url: str) -> Path | None:
+    if not url.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+@contextlib.contextmanager
+def local_stores_lock(urls: Sequence[str]) -> Iterator[None]:
+    """Serialise steps that are not atomic across processes on local SQLite stores.
+
+    Two workers creating the same database's tables at once fail ("table already exists"), and
+    two registering a model at once race on its alias. A file lock on the database makes the
+    second one wait and then find the work done. SQLite's own locks are POSIX record locks, which
+    ``flock`` leaves alone. Server databases (PostgreSQL) need no such lock.
+    """
+    paths = sorted({p.resolve() for p in map(_local_sqlite_file, urls) if p and p.parent.is_dir()})
+    with contextlib.ExitStack() as stack:
+        for path in paths:
+            handle = stack.enter_context(open(path, "a"))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def trial_run(client: MlflowClient, parent_run_id: str, study_name: str,
+              trial: optuna.Trial) -> Iterator[RunLogger]:
+    """The child run of one trial, closed with the status its outcome deserves.
+
+    Complete: FINISHED. Pruned: KILLED (MLflow has no "pruned" status) with the metrics it
+    reached. Interrupted: KILLED. Any error: FAILED with the error text. The ``trial_state`` tag
+    says what Optuna recorded: COMPLETE, PRUNED or FAIL.
+    """
+    run_id = start_run(client, run_name=f"trial-{trial.number}", parent_run_id=parent_run_id,
+                       tags={"study": study_name, "trial_number": str(trial.number), STATE_TAG: "RUNNING"})
+    trial.set_user_attr(RUN_ID_ATTR, run_id)
+    trial.set_user_attr(PARENT_RUN_ID_ATTR, parent_run_id)
+    try:
+        yield RunLogger(run_id, client)
+    except optuna.TrialPruned:
+        client.set_tag(run_id, STATE_TAG, TrialState.PRUNED.name)
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException as error:
+        client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
+        end_run_for(client, run_id, error)
+        raise
+    client.set_tag(run_id, STATE_TAG, TrialState.COMPLETE.name)
+    client.set_terminated(run_id, "FINISHED")
+
+
+def close_abandoned_trial(study: optuna.Study, client: MlflowClient, trial: optuna.Trial) -> None:
+    """After Ctrl-C outside the objective: neither the trial nor its run may stay RUNNING."""
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    if run_id and client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
+        client.set_terminated(run_id, "KILLED")
+
+
+def _plot_builders(study: optuna.Study, objectives: Sequence[str],
+                   n_complete: int) -> dict[str, Callable[[], object]]:
+    """Artifact path -> plot. Multi-objective studies plot each objective, plus the Pareto front."""
+    from optuna import visualization as vis
+
+    builders: dict[str, Callable[[], object]] = {}
+    for index, name in enumerate(objectives):
+        kwargs = {}
+        suffix = ""
+        if len(objectives) > 1:
+            kwargs = {"target": lambda t, i=index: t.values[i], "target_name": name}
+            suffix = f"_{name}"
+        builders[f"plots/optimization_history{suffix}.html"] = (
+            lambda kw=kwargs: vis.plot_optimization_history(study, **kw))
+        if n_complete >= 2:  # importances compare trials: one complete trial has nothing to compare
+            builders[f"plots/param_importances{suffix}.html"] = (
+                lambda kw=kwargs: vis.plot_param_importances(study, **kw))
+        builders[f"plots/parallel_coordinate{suffix}.html"] = (
+            lambda kw=kwargs: vis.plot_parallel_coordinate(study, **kw))
+        builders[f"plots/slice{suffix}.html"] = lambda kw=kwargs: vis.plot_slice(study, **kw)
+    if len(objectives) > 1:
+        builders["plots/pareto_front.html"] = lambda: vis.plot_pareto_front(study, target_names=list(objectives))
+    return builders
+
+
+def log_study_plots(study: optuna.Study, logger: RunLogger, objectives: Sequence[str], n_complete: int) -> list[str]:
+    """Log Optuna's plots as interactive HTML; a plot the trials cannot support yet is skipped."""
+    logged = []
+    for path, build in _plot_builders(study, objectives, n_complete).items():
+        try:
+            with warnings.catch_warnings():
+                # Optuna reminds that importances assume a minimised target; ours all are.
+                warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes", UserWarning)
+                figure = build()
+            logger.client.log_figure(logger.run_id, figure, path)
+            logged.append(path)
+        except (ValueError, RuntimeError, ZeroDivisionError) as error:
+            print(f"note: skipped {path}: {error}", flush=True)
+    return logged
+
+
+def _register(client: MlflowClient, name: str, model_uri: str, tags: dict) -> ModelVersion:
+    quoted = name.replace("'", "\\'")
+    existing = [v for v in client.search_model_versions(f"name='{quoted}'") if v.source == model_uri]
+    version = existing[0] if existing else mlflow.register_model(model_uri, name, tags=tags)
+    client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+    return version
+
+
+def register_best_model(client: MlflowClient, name: str, trial: FrozenTrial, study_name: str) -> ModelVersion | None:
+    """Register the trial's model under ``name`` and point the ``best`` alias at it.
+
+    A model already registered under that name (a resumed study whose best did not change) is
+    not registered twice. Workers that finish together take turns.
+    """
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    model_uri = client.get_run(run_id).data.tags.get("model_uri") if run_id else None
+    if not model_uri:
+        print(f"note: trial {trial.number} logged no model; nothing registered", flush=True)
+        return None
+    tags = {"study": study_name, "trial_number": str(trial.number), RUN_ID_ATTR: run_id}
+    for attempt in range(1, REGISTRATION_ATTEMPTS + 1):
+        try:
+            with local_stores_lock([mlflow.get_registry_uri()]):
+                return _register(client, name, model_uri, tags)
+        except MlflowException:
+            if attempt == REGISTRATION_ATTEMPTS:
+                raise
+            time.sleep(attempt)
+
+
+def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence[str],
+                    register_as: str | None) -> None:
+    """What the parent run keeps: trial counts, the trials table, the best result, plots, the model.
+
+    Counts and tables cover the whole study, including trials of earlier or parallel invocations.
+    """
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name for t in trials)
+    logger.log_metrics({f"trials_{state.lower()}": counts.get(state, 0)
+                        for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}, step=0)
+    logger.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        print("note: no trial completed yet; no best trial, plots or model", flush=True)
+        return
+
+    if len(objectives) == 1:
+        best = study.best_trial
+        logger.log_metrics({"best_value": best.value}, step=0)
+        logger.log_params({f"best.{k}": v for k, v in best.params.items()})
+        logger.set_tags({"best_trial_number": best.number, "best_run_id": best.user_attrs.get(RUN_ID_ATTR, "")})
+        print(f"best trial {best.number}: {objectives[0]} {best.value:.4f}  {best.params}", flush=True)
+    else:
+        front = sorted(study.best_trials, key=lambda t: t.number)
+        table = study.trials_dataframe()
+        logger.log_text(table[table["number"].isin([t.number for t in front])].to_csv(index=False),
+                        "pareto_front.csv")
+        logger.log_metrics({"pareto_front_size": len(front)}, step=0)
+        logger.set_tags({"pareto_trial_numbers": ",".join(str(t.number) for t in front)})
+        print(f"Pareto front ({', '.join(objectives)}): "
+              + "; ".join(f"trial {t.number} {tuple(round(v, 4) for v in t.values)}" for t in front), flush=True)
+
+    log_study_plots(study, logger, objectives, len(complete))
+
+    if len(objectives) > 1:
+        print("note: a multi-objective study has no single best model; pick one from the Pareto front "
+              "(pareto_front.csv) and register it with `mlflow.register_model`", flush=True)
+        return
+    if register_as:
+        version = register_best_model(logger.client, register_as, study.best_trial, study.study_name)
+        if version is not None:
+            logger.set_tags({"registered_model": f"models:/{register_as}@{BEST_ALIAS}",
+                             "registered_model_version": version.version})
+            print(f"registered models:/{register_as}@{BEST_ALIAS} (version {version.version})", flush=True)

@@ -1,0 +1,102 @@
+"""Search spaces: every suggestion becomes a valid configuration, and spaces are found by name or path."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from cvae.config import ConfigError
+from pipelines.config import RunConfig, with_overrides
+from pipelines.presets import PRESETS, preset_config, preset_names
+from search_spaces import resolve_space, space_names
+
+BASE = with_overrides(RunConfig(), {"data.dataset": "fashion-mnist", "data.limit_train": 1000,
+                                    "optim.epochs": 3, "execution.device": "cpu"})
+
+
+def sampled_configs(space_name: str, n: int = 40, base: RunConfig = BASE):
+    """(trial, config) pairs drawn by a random sampler, so conditional branches are all visited."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = resolve_space(space_name)
+    for _ in range(n):
+        trial = study.ask()
+        config = with_overrides(base, space(trial, base))
+        study.tell(trial, 0.0)
+        yield trial, config
+
+
+def test_registry_lists_the_shipped_spaces():
+    assert {"default", "architectures", "smoke"} <= set(space_names())
+
+
+def test_default_space_has_the_documented_ranges_and_valid_configs():
+    distributions: dict = {}
+    archs = set()
+    for trial, config in sampled_configs("default", 60):
+        distributions.update(trial.distributions)
+        archs.add(config.model.arch)
+        assert 2 <= config.model.latent_dim <= 64
+        assert 1e-4 <= config.optim.lr <= 1e-2
+        assert config.data == BASE.data and config.optim.epochs == 3, "the base's data and epochs must hold"
+        if config.model.arch == "mlp":
+            assert set(trial.params) >= {"mlp_depth", "mlp_width"} and "conv_depth" not in trial.params
+            assert len(config.model.hidden) == trial.params["mlp_depth"]
+        else:
+            assert set(trial.params) >= {"conv_depth", "conv_channels"} and "mlp_depth" not in trial.params
+            assert len(config.model.channels) == trial.params["conv_depth"]
+    assert archs == {"mlp", "conv"}
+    assert distributions["latent_dim"] == IntDistribution(2, 64, log=True)
+    assert distributions["lr"] == FloatDistribution(1e-4, 1e-2, log=True)
+    kl = distributions["kl_weight"]
+    assert isinstance(kl, FloatDistribution) and kl.log and kl.low <= 1e-3 and kl.high >= 4
+    assert distributions["arch"] == CategoricalDistribution(["mlp", "conv"])
+
+
+def test_architectures_space_uses_the_presets_model_and_keeps_the_base_training():
+    seen = set()
+    for trial, config in sampled_configs("architectures", 40):
+        name = trial.params["preset"]
+        seen.add(name)
+        preset = preset_config(name)
+        assert config.preset == name
+        assert config.model == preset.model and config.objective == preset.objective
+        assert (config.data, config.optim, config.execution) == (BASE.data, BASE.optim, BASE.execution)
+    assert trial.distributions["preset"] == CategoricalDistribution(list(preset_names()))
+    assert len(seen) > 1
+
+
+def test_architectures_space_reads_the_preset_names_at_call_time(monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny-latent", {"model.latent_dim": 3, "optim.epochs": 99})
+    configs = [config for trial, config in sampled_configs("architectures", 60) if trial.params["preset"] == "tiny-latent"]
+    assert configs, "a preset added after import must be offered"
+    assert all(c.model.latent_dim == 3 and c.optim.epochs == 3 for c in configs)
+
+
+def test_smoke_space_is_a_tiny_mlp():
+    for _, config in sampled_configs("smoke", 20):
+        assert config.model.arch == "mlp" and max(config.model.hidden) <= 64 and config.model.latent_dim <= 8
+
+
+def test_a_space_can_be_loaded_from_a_file(tmp_path):
+    path = tmp_path / "my_space.py"
+    path.write_text("def tiny(trial, base):\n"
+                    "    return {'model.latent_dim': trial.suggest_int('z', 3, 5)}\n")
+    trial, config = next(sampled_configs(f"{path}:tiny", 1))
+    assert 3 <= config.model.latent_dim <= 5 and trial.params["z"] == config.model.latent_dim
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("nonexistent", "choose one of: default, architectures, smoke"),
+    ("/no/such/file.py:space", "no file"),
+])
+def test_an_unknown_space_names_the_choices(spec, expected):
+    with pytest.raises(ConfigError, match=expected) as info:
+        resolve_space(spec)
+    assert "space=" in str(info.value)
+
+
+def test_a_missing_function_lists_those_defined(tmp_path):
+    path = tmp_path / "spaces.py"
+    path.write_text("def mine(trial, base):\n    return {}\n")
+    with pytest.raises(ConfigError, match=r"no function 'other' \(functions there: mine\)"):
+        resolve_space(f"{path}:other")
