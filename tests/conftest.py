@@ -54,19 +54,25 @@ class Store:
         return subprocess.run([sys.executable, "-m", module, *args], cwd=self.root, env=self.env,
                               capture_output=True, text=True, timeout=timeout, **kwargs)
 
-@pytest.fixture
-def store(tmp_path, data_dir) -> Store:
+def make_store(root: Path, data_dir: Path) -> Store:
+    """A fresh tracking store under ``root``; module-scoped fixtures use it to share one store."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
            "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1", "PYTHONPATH": str(REPO),
            "PYTHONUNBUFFERED": "1",
            # `mlflow run --env-manager local` runs `python` from PATH: make it this interpreter.
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     env.pop("MLFLOW_RUN_ID", None)
-    return Store(root=tmp_path, uri=uri, env=env)
+    return Store(root=root, uri=uri, env=env)
+
+
+@pytest.fixture
+def store(tmp_path, data_dir) -> Store:
+    return make_store(tmp_path, data_dir)
+
 
 def assert_no_running(store: Store) -> None:
     running = [r.info.run_id for r in store.runs() if r.info.status == "RUNNING"]

@@ -3,8 +3,6 @@ and the CLI, the three model_uri forms, and the cached auxiliary classifier."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +17,7 @@ from pipelines.data import load_splits
 from pipelines.entrypoints.common import UserError
 from pipelines.evaluate import TRAINING_IWAE_K, UNITS_ARTIFACT, evaluate_model
 from pipelines.model_resolution import resolve_model
-from tests.conftest import EXPERIMENT, TINY_PARAMS, Store, assert_no_running
+from conftest import TINY_PARAMS, Store, assert_no_running, make_store
 
 LATENT_DIM = 4
 CLASSIFIER = {"classifier_train_size": "3000", "classifier_epochs": "2"}  # seconds, not the full one
@@ -27,23 +25,10 @@ EVAL_K = 20
 REGISTERED = "cvae-evaluate-test"
 
 
-def module_store(root: Path, data_dir: Path) -> Store:
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-           "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent.parent),
-           "PYTHONUNBUFFERED": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    env.pop("MLFLOW_RUN_ID", None)
-    return Store(root=root, uri=uri, env=env)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     """One short conditional training run, in a store shared by this module's tests."""
-    store = module_store(tmp_path_factory.mktemp("evaluate"), data_dir)
+    store = make_store(tmp_path_factory.mktemp("evaluate"), data_dir)
     done = store.mlflow_run("train", {**TINY_PARAMS, "epochs": "1", "hidden": "64,32",
                                       "latent_dim": str(LATENT_DIM)})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -20,8 +20,7 @@ import torch
 from PIL import Image
 
 from pipelines.entrypoints.generate import GRID_ARTIFACT, GRID_PADDING
-from tests.conftest import TINY_PARAMS, assert_no_running
-from tests.test_evaluate import module_store
+from conftest import TINY_PARAMS, assert_no_running, make_store
 
 LATENT_DIM = 4
 TILE = 28 + GRID_PADDING
@@ -31,7 +30,7 @@ SERVE_START_TIMEOUT_S = 90
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     """One short conditional training run, in a store shared by this module's tests."""
-    store = module_store(tmp_path_factory.mktemp("generate"), data_dir)
+    store = make_store(tmp_path_factory.mktemp("generate"), data_dir)
     done = store.mlflow_run("train", {**TINY_PARAMS, "epochs": "1", "hidden": "64,32",
                                       "latent_dim": str(LATENT_DIM)})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import sys
 from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +16,7 @@ from pipelines.manifest import MANIFEST_FILE, load_manifest, weights_sha256
 from pipelines.reproduce import (AGREES, DIFFERS, REPORT_JSON, REPORT_MARKDOWN, build_report, compare_data,
                                  compare_metrics, compare_weights, default_tolerance, environment_warnings,
                                  explicit_tolerance)
-from tests.conftest import EXPERIMENT, TINY_DATA, TINY_PARAMS, Store, assert_no_running
+from conftest import EXPERIMENT, TINY_DATA, TINY_PARAMS, assert_no_running, make_store
 
 REPRODUCE = "pipelines.entrypoints.reproduce"
 SHORT_TRAIN = {**TINY_PARAMS, "epochs": "2", "hidden": "64,32"}
@@ -138,17 +136,7 @@ def test_report_verdict_differs_on_data_seed_metric_or_weight_differences():
 @pytest.fixture(scope="module")
 def original(tmp_path_factory, data_dir):
     """One short training run through `mlflow run -e train`, in a store shared by this module's tests."""
-    from mlflow import MlflowClient
-
-    root = tmp_path_factory.mktemp("reproduce")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-           "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent.parent),
-           "PYTHONUNBUFFERED": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    env.pop("MLFLOW_RUN_ID", None)
-    store = Store(root=root, uri=uri, env=env)
+    store = make_store(tmp_path_factory.mktemp("reproduce"), data_dir)
     done = store.mlflow_run("train", SHORT_TRAIN)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = store.runs()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_DATA, TINY_PARAMS, assert_no_running
+from conftest import TINY_DATA, TINY_PARAMS
 
 EPOCHS = 3
 
@@ -40,7 +40,7 @@ def test_mlflow_run_train_records_a_complete_run(store, tmp_path):
     assert figures == {"figures/loss_curves.png", "figures/latent_scatter_test.png",
                        "figures/reconstructions.png", "figures/class_samples.png",
                        "figures/latent_traversal_class0.png"}
-    local = client.download_artifacts(run.info.run_id, "figures", str(tmp_path))
+    client.download_artifacts(run.info.run_id, "figures", str(tmp_path))
     for path in figures:
         with Image.open(f"{tmp_path}/{path}") as image:
             image.verify()
