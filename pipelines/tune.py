@@ -6,7 +6,6 @@ several processes on one storage share the work. Tracking of trials lives in ``t
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
 from dataclasses import dataclass
@@ -74,8 +73,6 @@ class StudySettings:
         require_choice("sampler", self.sampler, SAMPLERS)
         require(not (self.multi_objective and self.sampler == "cmaes"), "sampler", self.sampler,
                 "a multi-objective sampler (auto, nsga2, tpe, random): CMA-ES optimises one objective")
-        require(self.sampler != "cmaes" or importlib.util.find_spec("cmaes") is not None, "sampler", self.sampler,
-                "a sampler whose package is installed; CMA-ES needs `pip install cmaes`")
         require_choice("pruner", self.pruner, PRUNERS)
         require(self.pruner_startup_trials >= 0, "pruner_startup_trials", self.pruner_startup_trials,
                 "an integer >= 0")

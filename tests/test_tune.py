@@ -283,3 +283,13 @@ def test_ctrl_c_fails_the_trial_kills_its_run_and_the_study_resumes(store, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     assert [t.state for t in load_trials(store, "interrupted")][-1] == TrialState.COMPLETE
     assert_no_running(store)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "nsga2"])
+def test_every_sampler_builds_and_optimises_a_toy_problem(sampler):
+    from pipelines.tune import StudySettings, build_sampler
+
+    settings = StudySettings(sampler=sampler)
+    study = optuna.create_study(sampler=build_sampler(settings, seed=0))
+    study.optimize(lambda t: (t.suggest_float("x", -2, 2) - 1) ** 2, n_trials=12)
+    assert study.best_value < 1.0
