@@ -5,34 +5,11 @@ Pure PyTorch. Log-likelihoods are in nats per example (summed over pixels and la
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 
 from cvae.model import CVAE
-
-_LOG_2PI = math.log(2.0 * math.pi)
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Eval mode (BatchNorm running statistics) and no autograd; each module's mode is restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-def _standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
-    return -0.5 * (z.pow(2) + _LOG_2PI).sum(dim=-1)
-
-
-def _diagonal_normal_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + _LOG_2PI).sum(dim=-1)
+from cvae.objective import diagonal_normal_log_density, standard_normal_log_density
 
 
 def importance_log_weights(model: CVAE, x: torch.Tensor, labels: torch.Tensor | None, k: int,
@@ -46,7 +23,7 @@ def importance_log_weights(model: CVAE, x: torch.Tensor, labels: torch.Tensor | 
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
     labels = labels if model.conditional else None
     n = x.shape[0]
-    with _eval_mode(model):
+    with model.inference():
         mu, logvar = model.encode(x, labels)
         mu, logvar = mu.float(), logvar.float()
         std = torch.exp(0.5 * logvar)
@@ -61,8 +38,8 @@ def importance_log_weights(model: CVAE, x: torch.Tensor, labels: torch.Tensor | 
             log_px = -model.reconstruction_nll(decoded, x.repeat(samples, 1, 1, 1)).reshape(samples, n)
             # Prior and posterior densities in float64: their difference is small next to each term.
             z64 = z.double()
-            log_prior = _standard_normal_log_density(z64)
-            log_posterior = _diagonal_normal_log_density(z64, mu.double(), logvar.double())
+            log_prior = standard_normal_log_density(z64)
+            log_posterior = diagonal_normal_log_density(z64, mu.double(), logvar.double())
             pieces.append(log_px.double() + log_prior - log_posterior)
     return torch.cat(pieces, dim=0)
 

@@ -128,9 +128,11 @@ class CVAE(nn.Module):
 
     # -- generation -------------------------------------------------------------------------
     @contextmanager
-    def _inference(self):
-        # Eval mode so BatchNorm uses running statistics and is not updated by generation;
-        # each submodule's own mode is restored afterwards.
+    def inference(self):
+        """Eval mode and no autograd for generation and evaluation; each module's mode is restored.
+
+        Eval mode so BatchNorm uses its running statistics and is not updated by inference.
+        """
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
@@ -161,13 +163,13 @@ class CVAE(nn.Module):
             count = labels.shape[0]
         else:
             labels, count = None, n
-        with self._inference():
+        with self.inference():
             z = torch.randn((count, self.latent_dim), generator=generator, device=device, dtype=dtype)
             return self.mean_image(self.decode(z, labels))
 
     def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean images decoded from the posterior mean (no sampling)."""
-        with self._inference():
+        with self.inference():
             mu, _ = self.encode(x, labels)
             return self.mean_image(self.decode(mu, labels))
 

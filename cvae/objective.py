@@ -21,12 +21,20 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
+def standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over the last dimension."""
+    return -0.5 * (z.pow(2) + _LOG_2PI).sum(dim=-1)
+
+
+def diagonal_normal_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))), summed over the last dimension."""
+    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + _LOG_2PI).sum(dim=-1)
+
+
 def monte_carlo_kl(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Single-sample estimate log q(z|x) - log p(z), summed over dimensions: (N,)."""
     z, mu, logvar = z.float(), mu.float(), logvar.float()
-    log_q = -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + _LOG_2PI)
-    log_p = -0.5 * (z.pow(2) + _LOG_2PI)
-    return (log_q - log_p).sum(dim=1)
+    return diagonal_normal_log_density(z, mu, logvar) - standard_normal_log_density(z)
 
 
 @dataclass

@@ -74,6 +74,26 @@ def store(tmp_path, data_dir) -> Store:
     return make_store(tmp_path, data_dir)
 
 
+SHARED_RUN_LATENT_DIM = 4
+
+
+@pytest.fixture(scope="session")
+def conditional_run(tmp_path_factory, data_dir):
+    """One short conditional training run through `mlflow run`, trained once per session.
+
+    Evaluation, generation and serving tests share it; they only add runs beside it (told apart
+    by their tags), never change it.
+    """
+    from types import SimpleNamespace
+
+    store = make_store(tmp_path_factory.mktemp("shared-run"), data_dir)
+    done = store.mlflow_run("train", {**TINY_PARAMS, "epochs": "1", "hidden": "64,32",
+                                      "latent_dim": str(SHARED_RUN_LATENT_DIM)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = store.runs()
+    return SimpleNamespace(store=store, run=run, data_dir=data_dir)
+
+
 def assert_no_running(store: Store) -> None:
     running = [r.info.run_id for r in store.runs() if r.info.status == "RUNNING"]
     assert not running, f"runs left RUNNING: {running}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -17,38 +16,27 @@ from pipelines.data import load_splits
 from pipelines.entrypoints.common import UserError
 from pipelines.evaluate import TRAINING_IWAE_K, UNITS_ARTIFACT, evaluate_model
 from pipelines.model_resolution import resolve_model
-from conftest import TINY_PARAMS, Store, assert_no_running, make_store
+from conftest import SHARED_RUN_LATENT_DIM, Store, assert_no_running
 
-LATENT_DIM = 4
+LATENT_DIM = SHARED_RUN_LATENT_DIM
 CLASSIFIER = {"classifier_train_size": "3000", "classifier_epochs": "2"}  # seconds, not the full one
 EVAL_K = 20
 REGISTERED = "cvae-evaluate-test"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-    """One short conditional training run, in a store shared by this module's tests."""
-    store = make_store(tmp_path_factory.mktemp("evaluate"), data_dir)
-    done = store.mlflow_run("train", {**TINY_PARAMS, "epochs": "1", "hidden": "64,32",
-                                      "latent_dim": str(LATENT_DIM)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = store.runs()
-    return SimpleNamespace(store=store, run=run, data_dir=data_dir)
-
-
-@pytest.fixture(scope="module")
-def in_store(trained):
+def in_store(conditional_run):
     """Point this process's MLflow at the module's store (model loading uses the global URI)."""
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(trained.store.uri)
-    yield trained.store.client
+    mlflow.set_tracking_uri(conditional_run.store.uri)
+    yield conditional_run.store.client
     mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture(scope="module")
-def classifier(trained, in_store):
+def classifier(conditional_run, in_store):
     """The quick classifier, trained once in-process so the entry points below find it cached."""
-    data = DataConfig(dataset="fashion-mnist", data_dir=str(trained.data_dir))
+    data = DataConfig(dataset="fashion-mnist", data_dir=str(conditional_run.data_dir))
     return get_classifier(data, torch.device("cpu"), train_size=int(CLASSIFIER["classifier_train_size"]),
                           epochs=int(CLASSIFIER["classifier_epochs"]), client=in_store)
 
@@ -77,14 +65,14 @@ def evaluation_runs(store: Store):
 # --- the cheap part, logged by training -----------------------------------------------------------
 
 @pytest.mark.slow
-def test_training_run_logs_iwae_active_units_and_kl_per_dimension(trained):
-    metrics, tags = trained.run.data.metrics, trained.run.data.tags
+def test_training_run_logs_iwae_active_units_and_kl_per_dimension(conditional_run):
+    metrics, tags = conditional_run.run.data.metrics, conditional_run.run.data.tags
     iwae = metrics[f"test/iwae_nll_k{TRAINING_IWAE_K}"]
     assert iwae <= metrics["test/neg_elbo"] * 1.01  # a bound at least about as tight as the ELBO
     assert 0 <= metrics["test/active_units"] <= LATENT_DIM
     kl_dims = [metrics[f"test/kl_dim_{i}"] for i in range(LATENT_DIM)]
     assert sum(kl_dims) == pytest.approx(metrics["test/kl"], rel=1e-4)  # same closed form, two routes
-    units = trained.store.client.download_artifacts(trained.run.info.run_id, UNITS_ARTIFACT, str(trained.store.root))
+    units = conditional_run.store.client.download_artifacts(conditional_run.run.info.run_id, UNITS_ARTIFACT, str(conditional_run.store.root))
     details = json.loads(Path(units).read_text())
     assert details["active_units"] == metrics["test/active_units"]
     assert len(details["posterior_mean_variance"]) == LATENT_DIM
@@ -94,11 +82,11 @@ def test_training_run_logs_iwae_active_units_and_kl_per_dimension(trained):
 # --- model_uri forms ------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_the_three_model_uri_forms_resolve_to_the_same_model(trained, in_store):
-    run_id = trained.run.info.run_id
-    model_uri = trained.run.data.tags["model_uri"]
+def test_the_three_model_uri_forms_resolve_to_the_same_model(conditional_run, in_store):
+    run_id = conditional_run.run.info.run_id
+    model_uri = conditional_run.run.data.tags["model_uri"]
     model_id = model_uri[len("models:/"):]
-    register_with_alias(in_store, trained.run)
+    register_with_alias(in_store, conditional_run.run)
     for spec in (model_uri, f"models:/{REGISTERED}@champion", f"models:/{REGISTERED}/1", run_id):
         resolved = resolve_model(spec, in_store)
         assert (resolved.model_uri, resolved.model_id, resolved.source_run_id) == (model_uri, model_id, run_id), spec
@@ -113,23 +101,23 @@ def test_the_three_model_uri_forms_resolve_to_the_same_model(trained, in_store):
     ("runs-are-not-like-this", "unrecognised form"),
     ("", "model_uri is required"),
 ])
-def test_bad_model_uris_are_user_errors_naming_the_parameter(trained, in_store, spec, reason):
+def test_bad_model_uris_are_user_errors_naming_the_parameter(conditional_run, in_store, spec, reason):
     with pytest.raises(UserError, match=reason) as caught:
         resolve_model(spec, in_store)
     assert "model_uri" in str(caught.value)
 
 
 @pytest.mark.slow
-def test_the_generator_is_refused_as_the_model_to_evaluate(trained, in_store):
+def test_the_generator_is_refused_as_the_model_to_evaluate(conditional_run, in_store):
     with pytest.raises(UserError, match="generator"):
-        resolve_model(trained.run.data.tags["generator_model_uri"], in_store)
+        resolve_model(conditional_run.run.data.tags["generator_model_uri"], in_store)
 
 
 # --- the auxiliary classifier -----------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_classifier_is_logged_as_its_own_model_with_its_cache_key(trained, classifier):
-    (run,) = classifier_runs(trained.store)
+def test_classifier_is_logged_as_its_own_model_with_its_cache_key(conditional_run, classifier):
+    (run,) = classifier_runs(conditional_run.store)
     assert run.info.status == "FINISHED" and run.info.run_id == classifier.run_id
     tags = run.data.tags
     assert tags["dataset"] == "fashion-mnist" and tags["train_size"] == "3000" and tags["epochs"] == "2"
@@ -140,8 +128,8 @@ def test_classifier_is_logged_as_its_own_model_with_its_cache_key(trained, class
 
 
 @pytest.mark.slow
-def test_classifier_metrics_on_real_images_and_on_noise(trained, classifier):
-    splits = load_splits(DataConfig(dataset="fashion-mnist", data_dir=str(trained.data_dir), limit_train=10),
+def test_classifier_metrics_on_real_images_and_on_noise(conditional_run, classifier):
+    splits = load_splits(DataConfig(dataset="fashion-mnist", data_dir=str(conditional_run.data_dir), limit_train=10),
                          torch.device("cpu"))
     real, labels = as_unit_floats(splits.test.images), splits.test.labels
     itself = judge_samples(classifier.net, real, labels, real)
@@ -158,19 +146,19 @@ def test_classifier_metrics_on_real_images_and_on_noise(trained, classifier):
 # --- the entry point ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_evaluate_by_run_id_through_mlflow_run_reuses_the_cached_classifier(trained, classifier):
-    before = evaluation_runs(trained.store)
-    done = trained.store.mlflow_run("evaluate", {"model_uri": trained.run.info.run_id, "k": str(EVAL_K),
+def test_evaluate_by_run_id_through_mlflow_run_reuses_the_cached_classifier(conditional_run, classifier):
+    before = evaluation_runs(conditional_run.store)
+    done = conditional_run.store.mlflow_run("evaluate", {"model_uri": conditional_run.run.info.run_id, "k": str(EVAL_K),
                                                  **CLASSIFIER})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained the" not in done.stdout + done.stderr  # the cached classifier was loaded
-    assert len(classifier_runs(trained.store)) == 1
-    (run,) = [r for r in evaluation_runs(trained.store) if r.info.run_id not in {b.info.run_id for b in before}]
+    assert len(classifier_runs(conditional_run.store)) == 1
+    (run,) = [r for r in evaluation_runs(conditional_run.store) if r.info.run_id not in {b.info.run_id for b in before}]
     assert run.info.status == "FINISHED"
     summary = [line for line in done.stdout.splitlines() if line.startswith("evaluate run ")]
     assert len(summary) == 1 and run.info.run_id in summary[0] and f"test/iwae_nll_k{EVAL_K}" in summary[0]
 
-    metrics, trained_metrics = run.data.metrics, trained.run.data.metrics
+    metrics, trained_metrics = run.data.metrics, conditional_run.run.data.metrics
     names = {"test/neg_elbo", "test/recon", "test/kl", f"test/iwae_nll_k{EVAL_K}", "test/active_units",
              "test/sample_accuracy", "test/sample_frechet_distance", "classifier/test_accuracy",
              *(f"test/kl_dim_{i}" for i in range(LATENT_DIM))}
@@ -182,35 +170,35 @@ def test_evaluate_by_run_id_through_mlflow_run_reuses_the_cached_classifier(trai
     assert 0.0 <= metrics["test/sample_accuracy"] <= 1.0 and metrics["test/sample_frechet_distance"] > 0
     assert metrics["classifier/test_accuracy"] == pytest.approx(classifier.test_accuracy, abs=1e-9)
     tags = run.data.tags
-    assert tags["evaluated_model_uri"] == trained.run.data.tags["model_uri"]
-    assert tags["source_run_id"] == trained.run.info.run_id
+    assert tags["evaluated_model_uri"] == conditional_run.run.data.tags["model_uri"]
+    assert tags["source_run_id"] == conditional_run.run.info.run_id
     assert run.data.params["model.latent_dim"] == str(LATENT_DIM)  # sortable like the training runs
 
 
 @pytest.mark.slow
-def test_evaluate_by_alias_on_the_cli_matches_the_in_process_report(trained, classifier, in_store):
-    register_with_alias(in_store, trained.run)
-    done = trained.store.cli("pipelines.entrypoints.evaluate", "--model-uri", f"models:/{REGISTERED}@champion",
+def test_evaluate_by_alias_on_the_cli_matches_the_in_process_report(conditional_run, classifier, in_store):
+    register_with_alias(in_store, conditional_run.run)
+    done = conditional_run.store.cli("pipelines.entrypoints.evaluate", "--model-uri", f"models:/{REGISTERED}@champion",
                              "--k", str(EVAL_K), "--limit-test", "200",
                              "--classifier-train-size", CLASSIFIER["classifier_train_size"],
                              "--classifier-epochs", CLASSIFIER["classifier_epochs"])
     assert done.returncode == 0, done.stderr[-3000:]
-    run = trained.store.client.get_run(done.stdout.strip().splitlines()[-1].split()[2])
+    run = conditional_run.store.client.get_run(done.stdout.strip().splitlines()[-1].split()[2])
     assert run.data.params["data.limit_test"] == "200"
-    assert len(classifier_runs(trained.store)) == 1
+    assert len(classifier_runs(conditional_run.store)) == 1
 
-    in_process = evaluate_model(resolve_model(trained.run.data.tags["model_uri"], in_store), torch.device("cpu"),
-                                k=EVAL_K, limit_test=200, data_dir=str(trained.data_dir),
+    in_process = evaluate_model(resolve_model(conditional_run.run.data.tags["model_uri"], in_store), torch.device("cpu"),
+                                k=EVAL_K, limit_test=200, data_dir=str(conditional_run.data_dir),
                                 classifier_train_size=int(CLASSIFIER["classifier_train_size"]),
                                 classifier_epochs=int(CLASSIFIER["classifier_epochs"]))
     assert run.data.metrics == pytest.approx(in_process, rel=1e-9)  # same seed, same model, same report
 
 
 @pytest.mark.slow
-def test_evaluate_with_a_bad_model_uri_fails_in_one_line_without_a_run(trained):
-    before = len(trained.store.runs())
-    done = trained.store.cli("pipelines.entrypoints.evaluate", "--model-uri", "models:/m-doesnotexist")
+def test_evaluate_with_a_bad_model_uri_fails_in_one_line_without_a_run(conditional_run):
+    before = len(conditional_run.store.runs())
+    done = conditional_run.store.cli("pipelines.entrypoints.evaluate", "--model-uri", "models:/m-doesnotexist")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: model_uri='models:/m-doesnotexist' is not valid")
-    assert len(trained.store.runs()) == before
-    assert_no_running(trained.store)
+    assert len(conditional_run.store.runs()) == before
+    assert_no_running(conditional_run.store)

@@ -12,7 +12,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,22 +19,11 @@ import torch
 from PIL import Image
 
 from pipelines.entrypoints.generate import GRID_ARTIFACT, GRID_PADDING
-from conftest import TINY_PARAMS, assert_no_running, make_store
+from conftest import SHARED_RUN_LATENT_DIM, assert_no_running
 
-LATENT_DIM = 4
+LATENT_DIM = SHARED_RUN_LATENT_DIM
 TILE = 28 + GRID_PADDING
 SERVE_START_TIMEOUT_S = 90
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-    """One short conditional training run, in a store shared by this module's tests."""
-    store = make_store(tmp_path_factory.mktemp("generate"), data_dir)
-    done = store.mlflow_run("train", {**TINY_PARAMS, "epochs": "1", "hidden": "64,32",
-                                      "latent_dim": str(LATENT_DIM)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = store.runs()
-    return SimpleNamespace(store=store, run=run)
 
 
 def _grid_size(rows: int, columns: int) -> tuple[int, int]:
@@ -43,15 +31,15 @@ def _grid_size(rows: int, columns: int) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_generate_logs_a_grid_with_a_row_per_label(trained, tmp_path):
+def test_generate_logs_a_grid_with_a_row_per_label(conditional_run, tmp_path):
     output = tmp_path / "grid.png"
-    done = trained.store.mlflow_run("generate", {"model_uri": trained.run.info.run_id, "labels": "0,1,2",
+    done = conditional_run.store.mlflow_run("generate", {"model_uri": conditional_run.run.info.run_id, "labels": "0,1,2",
                                                  "n": "8", "output": str(output)})
     assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = trained.store.runs("tags.generated_from != ''")
+    (run,) = conditional_run.store.runs("tags.generated_from != ''")
     assert run.info.status == "FINISHED"
-    assert run.data.tags["generated_from"] == trained.run.data.tags["model_uri"]
-    logged = Path(trained.store.client.download_artifacts(run.info.run_id, GRID_ARTIFACT, str(tmp_path)))
+    assert run.data.tags["generated_from"] == conditional_run.run.data.tags["model_uri"]
+    logged = Path(conditional_run.store.client.download_artifacts(run.info.run_id, GRID_ARTIFACT, str(tmp_path)))
     assert logged.read_bytes() == output.read_bytes()
     with Image.open(logged) as image:
         assert image.size == _grid_size(rows=3, columns=8)
@@ -62,15 +50,15 @@ def test_generate_logs_a_grid_with_a_row_per_label(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_rejects_a_label_outside_the_classes_in_one_line(trained):
-    done = trained.store.mlflow_run("generate", {"model_uri": trained.run.info.run_id, "labels": "3,10"})
+def test_generate_rejects_a_label_outside_the_classes_in_one_line(conditional_run):
+    done = conditional_run.store.mlflow_run("generate", {"model_uri": conditional_run.run.info.run_id, "labels": "3,10"})
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: labels='3,10' is not valid: '10' is not a class of this model; expected "
                       "comma-separated class ids 0..9 (T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, "
                       "Shirt, Sneaker, Bag, Ankle boot)"], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    assert_no_running(trained.store)
+    assert_no_running(conditional_run.store)
 
 
 def _free_loopback_port() -> int:
@@ -104,10 +92,10 @@ def _wait_until_serving(url: str, server: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_labels_with_images(trained, tmp_path):
+def test_mlflow_models_serve_answers_labels_with_images(conditional_run, tmp_path):
     import mlflow.pytorch
 
-    generator_uri = trained.run.data.tags["generator_model_uri"]
+    generator_uri = conditional_run.run.data.tags["generator_model_uri"]
     port = _free_loopback_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
@@ -115,7 +103,7 @@ def test_mlflow_models_serve_answers_labels_with_images(trained, tmp_path):
         # Its own session, so the uvicorn worker it starts goes down with it.
         server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", generator_uri,
                                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                  cwd=trained.store.root, env=trained.store.env, stdout=log_file,
+                                  cwd=conditional_run.store.root, env=conditional_run.store.env, stdout=log_file,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_until_serving(url, server, log)
@@ -131,9 +119,9 @@ def test_mlflow_models_serve_answers_labels_with_images(trained, tmp_path):
         assert status == 200, body
         served = torch.tensor(body["predictions"], dtype=torch.float32)
         previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(trained.store.uri)
+        mlflow.set_tracking_uri(conditional_run.store.uri)
         try:
-            model = mlflow.pytorch.load_model(trained.run.data.tags["model_uri"], map_location="cpu").eval()
+            model = mlflow.pytorch.load_model(conditional_run.run.data.tags["model_uri"], map_location="cpu").eval()
         finally:
             mlflow.set_tracking_uri(previous)
         with torch.no_grad():
