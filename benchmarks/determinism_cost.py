@@ -4,7 +4,7 @@ Runs the same configuration (the default model unless overridden) alternately in
 one process on one device, and prints the median training time of an epoch in each and their
 ratio. On a GPU this is the figure to quote for the speed cost of deterministic mode:
 
-    python benchmarks/determinism_cost.py --device cuda --dataset fashion-mnist
+    python -m benchmarks.determinism_cost --device cuda --dataset fashion-mnist
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ storage and MLflow store, and prints trials per minute for each and their ratio.
 setup: over the trials' own span (first trial start to last trial end, from Optuna's storage) and
 over the whole wall clock (process start-up, data loading and the study summary included).
 
-    python benchmarks/tune_throughput.py --trials 8 --device cpu
+    python -m benchmarks.tune_throughput --trials 8 --device cpu
 """
 from __future__ import annotations
 

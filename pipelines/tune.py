@@ -24,12 +24,14 @@ from pipelines.data import DatasetSplits, load_splits
 from pipelines.execution import resolve_device
 from pipelines.tracking import RunLogger, resolve_experiment_id
 from pipelines.train import NonFiniteLossError, TrainResult, train
-from pipelines.tune_tracking import close_abandoned_trial, local_stores_lock, summarise_study, trial_run
+from pipelines.tune_tracking import (close_abandoned_trial, close_stale_trial, local_stores_lock, summarise_study,
+                                     trial_run)
 from search_spaces import SearchSpace
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 JOURNAL_PREFIX = "journal:"
 SQLITE_TIMEOUT_S = 60  # how long a writer waits for SQLite's lock before "database is locked"
+HEARTBEAT_GRACE_S = 120  # a running trial silent this long belongs to a dead worker
 SAMPLERS = ("auto", "tpe", "random", "cmaes", "nsga2", "bruteforce")
 PRUNERS = ("median", "hyperband", "none")
 # Objective name -> the per-epoch validation metric it is read from (None: not a per-epoch quantity).
@@ -61,6 +63,7 @@ class StudySettings:
     n_trials: int | None = None  # per process; None with no timeout means DEFAULT_TRIALS
     timeout: float | None = None  # seconds
     register_as: str = ""  # registered model name; "" registers nothing
+    heartbeat_grace_s: int = HEARTBEAT_GRACE_S
 
     def __post_init__(self):
         require(bool(self.name.strip()), "study", self.name, "a non-empty study name")
@@ -80,6 +83,7 @@ class StudySettings:
                 "an integer >= 0")
         require(self.n_trials is None or self.n_trials >= 1, "n_trials", self.n_trials, "an integer >= 1")
         require(self.timeout is None or self.timeout > 0, "timeout", self.timeout, "a number of seconds > 0")
+        require(self.heartbeat_grace_s >= 2, "heartbeat_grace", self.heartbeat_grace_s, "an integer >= 2 (seconds)")
 
     @property
     def multi_objective(self) -> bool:
@@ -101,13 +105,18 @@ def display_url(url: str) -> str:
         return url
 
 
-def open_storage(url: str) -> BaseStorage:
+def open_storage(url: str, heartbeat_grace_s: int = HEARTBEAT_GRACE_S) -> BaseStorage:
+    """An Optuna storage; database ones get heartbeats, so a worker killed mid-trial (kill -9, a lost
+    machine) does not leave its trial RUNNING: the next worker fails it and closes its MLflow runs."""
     if url.startswith(JOURNAL_PREFIX):
         path = url[len(JOURNAL_PREFIX):]
         require(bool(path), "storage", url, "journal:PATH, e.g. journal:optuna.log")
         return JournalStorage(JournalFileBackend(path))
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite:") else {}
-    return RDBStorage(url, engine_kwargs=engine_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are stable in use
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=max(1, heartbeat_grace_s // 4),
+                          grace_period=heartbeat_grace_s, heartbeat_stale_trial_callback=close_stale_trial)
 
 
 def _sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -153,7 +162,7 @@ def prepare_study(settings: StudySettings, base: RunConfig, experiment: str | No
     """
     with local_stores_lock([settings.storage, mlflow.get_tracking_uri()]):
         try:
-            storage = open_storage(settings.storage)
+            storage = open_storage(settings.storage, settings.heartbeat_grace_s)
             study = optuna.create_study(storage=storage, study_name=settings.name, load_if_exists=True,
                                         directions=["minimize"] * len(settings.objectives))
         except ConfigError:

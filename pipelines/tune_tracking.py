@@ -91,6 +91,21 @@ def close_abandoned_trial(study: optuna.Study, client: MlflowClient, trial: optu
         client.set_terminated(run_id, "KILLED")
 
 
+def close_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna failed ``trial`` because its worker stopped sending heartbeats: that worker is gone,
+    so its child run and its parent run end KILLED here, by the worker that noticed."""
+    client = MlflowClient()
+    reason = "the worker running this trial stopped sending heartbeats (killed or lost)"
+    for attr in (RUN_ID_ATTR, PARENT_RUN_ID_ATTR):
+        run_id = trial.user_attrs.get(attr)
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "error", reason)
+            if attr == RUN_ID_ATTR:
+                client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
+            client.set_terminated(run_id, "KILLED")
+    print(f"note: trial {trial.number} failed: {reason}", flush=True)
+
+
 def _plot_builders(study: optuna.Study, objectives: Sequence[str],
                    n_complete: int) -> dict[str, Callable[[], object]]:
     """Artifact path -> plot. Multi-objective studies plot each objective, plus the Pareto front."""

@@ -14,8 +14,8 @@ from pipelines.data import check_available
 from pipelines.entrypoints.common import run_main
 from pipelines.execution import resolve_device
 from pipelines.tracking import entry_point_run
-from pipelines.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, OBJECTIVES, PRUNERS, SAMPLERS, StudySettings,
-                            prepare_study, run_study)
+from pipelines.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, HEARTBEAT_GRACE_S, OBJECTIVES, PRUNERS, SAMPLERS,
+                            StudySettings, prepare_study, run_study)
 from search_spaces import resolve_space, space_names
 
 NO_REGISTRATION = "none"
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(study, "register_as", default="",
           help=f"registered model name for the best trial's model, alias @best (default: the study name; "
                f"'{NO_REGISTRATION}' registers nothing)")
+    _flag(study, "heartbeat_grace", default="",
+          help=f"seconds without a heartbeat after which another worker fails a running trial "
+               f"(default {HEARTBEAT_GRACE_S}; database storages only)")
     _flag(study, "experiment", default=None, help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else Default)")
     _flag(study, "run_name", default=None, help="name of the parent MLflow run (default: the study name)")
     _flag(study, "list_spaces", action="store_true", help="print the search space names and exit")
@@ -86,7 +89,8 @@ def settings_from_args(args: argparse.Namespace, seed: int) -> StudySettings:
         pruner_startup_trials=_number("pruner_startup_trials", args.pruner_startup_trials, int, 5),
         pruner_warmup_epochs=_number("pruner_warmup_epochs", args.pruner_warmup_epochs, int, 0),
         n_trials=_number("n_trials", args.n_trials, int), timeout=_number("timeout", args.timeout, float),
-        register_as="" if register_as == NO_REGISTRATION else register_as)
+        register_as="" if register_as == NO_REGISTRATION else register_as,
+        heartbeat_grace_s=_number("heartbeat_grace", args.heartbeat_grace, int, HEARTBEAT_GRACE_S))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
