@@ -103,8 +103,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def ensure_files(dataset: str, root: Path) -> dict[str, str]:
-    """Make torchvision's raw folder complete under ``root``; return file name -> SHA-256 of the source.
+def ensure_files(dataset: str, root: Path) -> list[Path]:
+    """Make torchvision's raw folder complete under ``root``; return the source files read.
 
     Archives found locally (torchvision layout, flat, or a Debian package) are extracted; their
     MD5s are not checked against torchvision's because repackagers recompress them (torchvision's
@@ -124,11 +124,11 @@ def ensure_files(dataset: str, root: Path) -> dict[str, str]:
             if not extracted.is_file():
                 raw.mkdir(parents=True, exist_ok=True)
                 extract_archive(str(path), str(raw))
-        return {name: _sha256(path) for name, path in archives.items()}
+        return list(archives.values())
 
     unpacked = {name: raw / name[: -len(".gz")] for name in required_files(dataset)}
     if all(p.is_file() for p in unpacked.values()):
-        return {p.name: _sha256(p) for p in unpacked.values()}
+        return list(unpacked.values())
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         raise DataUnavailableError(_missing_message(dataset, root, f"{OFFLINE_ENV} is set"))
     try:
@@ -136,17 +136,17 @@ def ensure_files(dataset: str, root: Path) -> dict[str, str]:
     except Exception as error:  # torchvision raises RuntimeError/URLError variants per mirror
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataUnavailableError(_missing_message(dataset, root, reason)) from None
-    return {name: _sha256(raw / name) for name in required_files(dataset) if (raw / name).is_file()}
+    return [raw / name for name in required_files(dataset) if (raw / name).is_file()]
 
 
 def check_available(config: DataConfig) -> None:
-    """Fail early (before any run is opened) when the data cannot be had."""
+    """Fail early (before any run is opened) when the data cannot be had; checksums come later."""
     ensure_files(config.dataset, resolve_root(config))
 
 
 def load_splits(config: DataConfig, device: torch.device) -> DatasetSplits:
     root = resolve_root(config)
-    sources = ensure_files(config.dataset, root)
+    sources = {path.name: _sha256(path) for path in ensure_files(config.dataset, root)}
     cls = DATASET_CLASSES[config.dataset]
     train_full = cls(str(root), train=True, download=False)
     test_full = cls(str(root), train=False, download=False)

@@ -76,3 +76,13 @@ def test_mlproject_train_parameters_are_configuration_fields():
         for name in spec["parameters"]:
             assert name == "preset" or name in index, f"{entry}: {name} is no configuration field"
             assert "{" + name + "}" in spec["command"], f"{entry}: {name} is not passed to the command"
+
+
+def test_numeric_options_accept_mlflow_floats_and_name_the_parameter():
+    from pipelines.entrypoints.common import UserError, number_option
+
+    assert number_option("n", "", int, 8) == 8 and number_option("n", "16.0", int) == 16
+    assert number_option("tolerance", "0.5", float, None, minimum=0) == 0.5
+    for bad in ("abc", "-1", "nan", "inf", "2.5"):
+        with pytest.raises(UserError, match=rf"n={bad!r} is not valid; expected an integer >= 0"):
+            number_option("n", bad, int, None, minimum=0)

@@ -1,6 +1,7 @@
 """What every entry point shares: one-line errors with exit code 2, and no run left RUNNING."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Callable, Sequence
@@ -17,6 +18,23 @@ class UserError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, DataUnavailableError, UserError)
+
+
+def number_option(name: str, text: str | None, kind: type = int, default=None, minimum: float | None = None):
+    """A numeric command-line option. '' (what MLproject passes for an unset parameter) means
+    ``default``; integers are also accepted as "8.0", the form MLflow gives float-typed parameters."""
+    text = "" if text is None else str(text).strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (kind is float or value.is_integer())
+            and (minimum is None or value >= minimum)):
+        expected = ("an integer" if kind is int else "a number") + ("" if minimum is None else f" >= {minimum}")
+        raise UserError(f"{name}={text!r} is not valid; expected {expected}")
+    return int(value) if kind is int else value
 
 
 def _fail_pending_mlflow_run(message: str, status: str) -> None:

@@ -10,21 +10,8 @@ from typing import Sequence
 
 from pipelines.config import ExecutionConfig
 from pipelines.data import check_available
-from pipelines.entrypoints.common import UserError, run_main
+from pipelines.entrypoints.common import number_option, run_main
 from pipelines.execution import resolve_device
-
-
-def integer_option(name: str, text: str, minimum: int, default: int | None) -> int | None:
-    """An integer option given as text; '' (what MLproject passes when unset) means ``default``."""
-    if text is None or str(text).strip() == "":
-        return default
-    try:
-        value = float(text)  # MLflow passes float-typed parameters as "8.0"
-    except ValueError:
-        value = float("nan")
-    if not value.is_integer() or value < minimum:
-        raise UserError(f"{name}={text!r} is not valid; expected an integer >= {minimum}")
-    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,12 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    options = dict(k=integer_option("k", args.k, 1, 1000),
-                   limit_test=integer_option("limit_test", args.limit_test, 0, None),
-                   seed=integer_option("seed", args.seed, 0, 0),
-                   images_per_pass=integer_option("images_per_pass", args.images_per_pass, 1, 10_000),
-                   classifier_train_size=integer_option("classifier_train_size", args.classifier_train_size, 0, 0),
-                   classifier_epochs=integer_option("classifier_epochs", args.classifier_epochs, 1, 2))
+    options = dict(k=number_option("k", args.k, int, 1000, minimum=1),
+                   limit_test=number_option("limit_test", args.limit_test, int, None, minimum=0),
+                   seed=number_option("seed", args.seed, int, 0, minimum=0),
+                   images_per_pass=number_option("images_per_pass", args.images_per_pass, int, 10_000, minimum=1),
+                   classifier_train_size=number_option("classifier_train_size", args.classifier_train_size, int, 0, minimum=0),
+                   classifier_epochs=number_option("classifier_epochs", args.classifier_epochs, int, 2, minimum=1))
     device = resolve_device(ExecutionConfig(device=args.device))
     from pipelines.model_resolution import resolve_model  # heavy imports once the input is known to be good
 

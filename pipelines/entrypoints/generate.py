@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipelines.config import ExecutionConfig
-from pipelines.entrypoints.common import UserError, run_main
-from pipelines.entrypoints.evaluate import integer_option
+from pipelines.entrypoints.common import UserError, number_option, run_main
 from pipelines.execution import resolve_device
 
 GRID_ARTIFACT = "generated/samples.png"
@@ -49,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    n = integer_option("n", args.n, 1, 8)
-    seed = integer_option("seed", args.seed, 0, 0)
+    n = number_option("n", args.n, int, 8, minimum=1)
+    seed = number_option("seed", args.seed, int, 0, minimum=0)
     device = resolve_device(ExecutionConfig(device=args.device))
     import torch
     from torchvision.utils import save_image

@@ -6,10 +6,9 @@ still ends FINISHED; its `reproduction_verdict` tag says which), 2 for bad input
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Sequence
 
-from pipelines.entrypoints.common import UserError, run_main
+from pipelines.entrypoints.common import number_option, run_main
 
 EXIT_DIFFERS = 1
 
@@ -34,21 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_tolerance(text: str) -> float | None:
-    if not text.strip():
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise UserError(f"tolerance={text!r} is not valid; expected a number >= 0, or empty for the default")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tolerance = parse_tolerance(args.tolerance)
+    tolerance = number_option("tolerance", args.tolerance, float, None, minimum=0)
     from pipelines.reproduce import AGREES, reproduce_run  # heavy imports once the input parses
 
     report = reproduce_run(args.run_id, tolerance, args.experiment, args.run_name, args.data_dir or None)

@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from cvae.config import ConfigError
 from pipelines.config import add_config_arguments, config_from_args
 from pipelines.data import check_available
-from pipelines.entrypoints.common import run_main
+from pipelines.entrypoints.common import number_option, run_main
 from pipelines.execution import resolve_device
 from pipelines.tracking import entry_point_run
 from pipelines.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, HEARTBEAT_GRACE_S, OBJECTIVES, PRUNERS, SAMPLERS,
@@ -63,34 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _number(name: str, text: str, kind: type, default=None):
-    text = (text or "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)  # MLflow passes float-typed params as "20.0"
-        if kind is int:
-            if not value.is_integer():
-                raise ValueError
-            return int(value)
-        return value
-    except ValueError:
-        expected = "an integer" if kind is int else "a number"
-        raise ConfigError(f"{name}={text!r} is not valid; expected {expected}") from None
-
-
 def settings_from_args(args: argparse.Namespace, seed: int) -> StudySettings:
     register_as = (args.register_as or "").strip() or args.study
     return StudySettings(
         name=args.study, storage=args.storage, space=args.space,
         objectives=tuple(p.strip() for p in args.objectives.split(",") if p.strip()),
-        sampler=args.sampler, sampler_seed=_number("sampler_seed", args.sampler_seed, int, seed),
+        sampler=args.sampler, sampler_seed=number_option("sampler_seed", args.sampler_seed, int, seed),
         pruner=args.pruner,
-        pruner_startup_trials=_number("pruner_startup_trials", args.pruner_startup_trials, int, 5),
-        pruner_warmup_epochs=_number("pruner_warmup_epochs", args.pruner_warmup_epochs, int, 0),
-        n_trials=_number("n_trials", args.n_trials, int), timeout=_number("timeout", args.timeout, float),
+        pruner_startup_trials=number_option("pruner_startup_trials", args.pruner_startup_trials, int, 5),
+        pruner_warmup_epochs=number_option("pruner_warmup_epochs", args.pruner_warmup_epochs, int, 0),
+        n_trials=number_option("n_trials", args.n_trials, int), timeout=number_option("timeout", args.timeout, float),
         register_as="" if register_as == NO_REGISTRATION else register_as,
-        heartbeat_grace_s=_number("heartbeat_grace", args.heartbeat_grace, int, HEARTBEAT_GRACE_S))
+        heartbeat_grace_s=number_option("heartbeat_grace", args.heartbeat_grace, int, HEARTBEAT_GRACE_S))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
