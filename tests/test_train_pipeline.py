@@ -95,7 +95,8 @@ def test_bad_input_exits_2_with_one_line_and_no_run(store, tmp_path, args, messa
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_the_run_killed_with_what_it_logged(store):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_ends_the_run_killed_with_what_it_logged(store, stop_signal):
     process = subprocess.Popen(
         [sys.executable, "-m", "pipelines.entrypoints.train", *TINY_DATA, "--epochs", "200", "--patience", "0"],
         cwd=store.root, env=store.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -104,7 +105,7 @@ def test_ctrl_c_ends_the_run_killed_with_what_it_logged(store):
         for line in process.stdout:
             if line.startswith("epoch 2:") or time.time() > deadline:
                 break
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         process.wait(timeout=60)
     finally:
         process.kill()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -52,11 +53,18 @@ def _fail_pending_mlflow_run(message: str, status: str) -> None:
         pass
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
     """Run ``main`` and turn known failures into one clear line on stderr and a non-zero exit."""
     from pipelines.tracking import configure_tracking
 
     configure_tracking()
+    # Schedulers (SLURM, Kubernetes) and `mlflow run`'s cancellation stop processes with SIGTERM:
+    # treat it as Ctrl-C so runs end KILLED and trials FAIL instead of staying RUNNING.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = main(argv)
     except USER_ERRORS as error:
