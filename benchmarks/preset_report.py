@@ -56,8 +56,10 @@ def main() -> None:
         print(f"{preset}: train {train_seconds:.0f} s, evaluate {time.perf_counter() - started:.0f} s", flush=True)
 
     iwae = f"test/iwae_nll_k{args.k}"
-    print(f"\n{args.dataset}, {args.epochs} epochs on {args.limit_train} training images, "
-          f"{args.limit_test} test images, IWAE k={args.k}\n")
+    train_images = "all" if args.limit_train in ("", "0") else args.limit_train
+    test_images = "all" if args.limit_test in ("", "0") else args.limit_test
+    print(f"\n{args.dataset}, {args.epochs} epochs on {train_images} training images, "
+          f"{test_images} test images, IWAE k={args.k}\n")
     print("| preset | test neg. ELBO | IWAE NLL | active units | sample accuracy | train s | evaluate s |")
     print("|---|---|---|---|---|---|---|")
     for preset, m, train_s, eval_s in rows:
