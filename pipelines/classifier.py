@@ -21,7 +21,7 @@ from mlflow.types import Schema, TensorSpec
 from cvae.classifier_net import ImageClassifier
 from cvae.evaluation import frechet_distance
 from pipelines.config import DataConfig
-from pipelines.data import SplitData, load_splits
+from pipelines.data import SplitData, as_unit_floats, load_splits
 from pipelines.tracking import REPO_ROOT, RunLogger, end_run_for, resolve_experiment_id, start_run
 
 CLASSIFIER_EXPERIMENT = "cvae-harness-classifiers"
@@ -46,11 +46,6 @@ def cache_key(dataset: str, train_size: int, epochs: int) -> str:
     """Training size and epochs are part of the key so quick test classifiers never stand in
     for the full one."""
     return f"{dataset}|train_size={train_size or 'all'}|epochs={epochs}|{ARCHITECTURE_VERSION}"
-
-
-def as_unit_floats(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [0, 1]; float images pass through."""
-    return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
 
 
 @torch.no_grad()

@@ -27,7 +27,8 @@ DATASET_CLASSES = {
 DEBIAN_DATASET_DIRS = {
     "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"), "dataset-fashion-mnist"),
 }
-OFFLINE_ENV = "CVAE_OFFLINE"  # set to 1 to never try a download
+OFFLINE_ENV = "CVAE_OFFLINE"
+STATIC_BINARIZATION_THRESHOLD = 0.5  # set to 1 to never try a download
 
 
 class DataUnavailableError(RuntimeError):
@@ -179,6 +180,11 @@ def load_splits(config: DataConfig, device: torch.device) -> DatasetSplits:
     )
 
 
+def as_unit_floats(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [0, 1]; float images pass through."""
+    return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+
+
 class Batcher:
     """Turns uint8 device tensors into float batches, binarized as configured.
 
@@ -193,9 +199,9 @@ class Batcher:
         self._eval_noise: dict[str, torch.Tensor] = {}
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255.0)
+        x = as_unit_floats(images)
         if self.binarize == "static":
-            return (x >= 0.5).float()
+            return (x >= STATIC_BINARIZATION_THRESHOLD).float()
         return x
 
     def train_batches(self, split: SplitData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

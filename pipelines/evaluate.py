@@ -18,9 +18,9 @@ import torch
 
 from cvae import CVAE, gaussian_kl
 from cvae.evaluation import active_units, iwae_nll, unit_activity
-from pipelines.classifier import DEFAULT_EPOCHS, as_unit_floats, get_classifier, judge_samples
+from pipelines.classifier import DEFAULT_EPOCHS, get_classifier, judge_samples
 from pipelines.config import DataConfig, RunConfig, flatten
-from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
+from pipelines.data import Batcher, DatasetSplits, SplitData, as_unit_floats, load_splits
 from pipelines.execution import seed_everything
 from pipelines.model_resolution import ResolvedModel, load_cvae
 from pipelines.tracking import RunLogger
@@ -37,17 +37,13 @@ SAMPLE_BATCH = 1000
 UNITS_ARTIFACT = "evaluation/latent_units.json"
 
 
-def _labels_for(model: CVAE, labels: torch.Tensor) -> torch.Tensor | None:
-    return labels if model.conditional else None
-
-
 @torch.no_grad()
 def latent_statistics(model: CVAE, split: SplitData, batcher: Batcher) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior means (N, D) over the split and the mean closed-form KL of each dimension (D,)."""
     model.eval()
     means, kl_sum = [], None
     for x, y in batcher.eval_batches(split, IWAE_BATCH):
-        mu, logvar = model.encode(x, _labels_for(model, y))
+        mu, logvar = model.encode(x, y)
         means.append(mu.float())
         batch_kl = gaussian_kl(mu, logvar).double().sum(dim=0)
         kl_sum = batch_kl if kl_sum is None else kl_sum + batch_kl
@@ -62,7 +58,7 @@ def iwae_estimate(model: CVAE, split: SplitData, batcher: Batcher, k: int, seed:
     chunk = max(1, images_per_pass // IWAE_BATCH)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in batcher.eval_batches(split, IWAE_BATCH):
-        total += iwae_nll(model, x, _labels_for(model, y), k, chunk, generator).sum()
+        total += iwae_nll(model, x, y, k, chunk, generator).sum()
     return float(total.item()) / len(split)
 
 

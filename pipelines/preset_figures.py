@@ -14,7 +14,8 @@ import torch
 
 from cvae import CVAE
 from pipelines import figures
-from pipelines.data import Batcher, DatasetSplits
+from pipelines.data import STATIC_BINARIZATION_THRESHOLD as BINARIZATION_THRESHOLD
+from pipelines.data import Batcher, DatasetSplits, as_unit_floats
 
 Builders = dict[str, Callable[[], plt.Figure]]
 
@@ -23,7 +24,6 @@ TRAVERSAL_GRID, TRAVERSAL_EXTENT = 8, 1.5
 MANIFOLD_GRID, MANIFOLD_EXTENT = 30, 1.5
 SAMPLED_CLASS = 0  # the class whose 3x3 random samples conv-label-channel draws
 BINARIZATION_EXAMPLES = 4
-BINARIZATION_THRESHOLD = 0.5
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def split_latents(model: CVAE, split, batcher: Batcher, limit: int, batch_size: 
     """Posterior means and labels of the first ``limit`` examples of a split, as NumPy arrays."""
     means, labels, seen = [], [], 0
     for x, y in batcher.eval_batches(split, batch_size):
-        mu, _ = model.encode(x, y if model.conditional else None)
+        mu, _ = model.encode(x, y)
         means.append(mu.float().cpu())
         labels.append(y.cpu())
         seen += len(y)
@@ -99,12 +99,11 @@ def binarization_strip(model: CVAE, splits: DatasetSplits, batcher: Batcher) -> 
     def draw() -> plt.Figure:
         test = splits.test
         n = min(BINARIZATION_EXAMPLES, len(test))
-        inputs = test.images[:n].float() / 255.0
+        inputs = as_unit_floats(test.images[:n])
         binarized = (inputs >= BINARIZATION_THRESHOLD).float()
-        labels = test.labels[:n] if model.conditional else None
         # Like the tutorial, decode one posterior sample rather than the posterior mean.
         generator = torch.Generator(device=inputs.device).manual_seed(0)
-        reconstruction = model.mean_image(model(binarized, labels, generator=generator).decoded)
+        reconstruction = model.mean_image(model(binarized, test.labels[:n], generator=generator).decoded)
         return figures.image_table(
             [inputs, binarized, reconstruction, (reconstruction >= BINARIZATION_THRESHOLD).float()],
             ["input", "binarized", "reconstruction", "binarized\nreconstruction"],

@@ -16,10 +16,6 @@ TRAVERSAL_GRID = 15
 TRAVERSAL_EXTENT = 2.0
 
 
-def _labels_for(model: CVAE, y: torch.Tensor | None):
-    return y if model.config.conditional else None
-
-
 @torch.no_grad()
 def figure_builders(model: CVAE, splits: DatasetSplits, batcher: Batcher, history: Sequence[dict],
                     traversal_class: int = 0, preset: str = "") -> dict[str, Callable[[], plt.Figure]]:
@@ -37,7 +33,7 @@ def figure_builders(model: CVAE, splits: DatasetSplits, batcher: Batcher, histor
             *split_latents(model, splits.test, batcher, SCATTER_POINTS), names,
             title=f"Test-set latent means by label ({model.config.latent_dim}-D)"),
         "figures/reconstructions.png": lambda: figures.reconstruction_grid(
-            x, model.reconstruct(x, _labels_for(model, y))),
+            x, model.reconstruct(x, y)),
     }
     generator = torch.Generator(device=device).manual_seed(0)
     if model.config.conditional:

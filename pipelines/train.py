@@ -56,10 +56,6 @@ def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Op
     return cls(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def _conditioning_labels(model: CVAE, labels: torch.Tensor):
-    return labels if model.config.conditional else None
-
-
 @torch.no_grad()
 def evaluate_split(model: CVAE, split: SplitData, batcher: Batcher, config: RunConfig,
                    device: torch.device) -> dict[str, float]:
@@ -73,7 +69,7 @@ def evaluate_split(model: CVAE, split: SplitData, batcher: Batcher, config: RunC
     generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
     for x, y in batcher.eval_batches(split, EVAL_BATCH):
         with autocast(config.execution, device):
-            out = model(x, _conditioning_labels(model, y), generator=generator)
+            out = model(x, y, generator=generator)
         terms = negative_elbo(model.reconstruction_nll(out.decoded.float(), x), out.mu.float(),
                               out.logvar.float(), out.z.float(), config.objective.kl_weight,
                               config.objective.free_bits, config.objective.kl_estimator)
@@ -90,7 +86,7 @@ def _train_epoch(model, optimizer, scaler, batcher, split, config, device, epoch
     for step, (x, y) in enumerate(batcher.train_batches(split, config.optim.batch_size)):
         beta = kl_weight_at(config.objective, epoch - 1 + step / steps)
         with autocast(config.execution, device):
-            out = model(x, _conditioning_labels(model, y))
+            out = model(x, y)
         terms = negative_elbo(model.reconstruction_nll(out.decoded.float(), x), out.mu.float(),
                               out.logvar.float(), out.z.float(), beta, config.objective.free_bits,
                               config.objective.kl_estimator)

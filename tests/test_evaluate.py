@@ -9,10 +9,10 @@ import mlflow
 import pytest
 import torch
 
-from pipelines.classifier import (CLASSIFIER_EXPERIMENT, as_unit_floats, cache_key, get_classifier,
+from pipelines.classifier import (CLASSIFIER_EXPERIMENT, cache_key, get_classifier,
                                   judge_samples)
 from pipelines.config import DataConfig
-from pipelines.data import load_splits
+from pipelines.data import as_unit_floats, load_splits
 from pipelines.entrypoints.common import UserError
 from pipelines.evaluate import TRAINING_IWAE_K, UNITS_ARTIFACT, evaluate_model
 from pipelines.model_resolution import resolve_model
