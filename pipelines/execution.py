@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 
@@ -87,6 +88,7 @@ def device_description(device: torch.device) -> dict[str, str]:
     return info
 
 
+@functools.cache
 def cpu_model() -> str:
     """The CPU's marketing name (Linux /proc/cpuinfo), else what ``platform`` knows."""
     import platform

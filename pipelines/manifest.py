@@ -7,6 +7,7 @@ was dirty). ``reproduce`` reads it back with ``load_manifest``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import platform
@@ -51,6 +52,7 @@ def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+@functools.cache  # the environment does not change within a process; a study asks once, not per trial
 def installed_packages() -> dict[str, str]:
     """name -> version of every installed distribution (what `pip freeze` reports, without a subprocess)."""
     packages: dict[str, str] = {}
@@ -74,6 +76,7 @@ def environment_description(device: torch.device) -> dict:
     }
 
 
+@functools.cache  # the same code for the whole process, as git_commit
 def git_diff() -> str:
     """Uncommitted changes to tracked files (what makes the tree dirty); '' when unavailable."""
     try:
