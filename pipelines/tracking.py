@@ -6,9 +6,12 @@ threads or nested studies never depends on MLflow's thread-local "active run".
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import shlex
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -30,8 +33,13 @@ def configure_tracking() -> str:
     return uri
 
 
+@functools.cache
 def git_commit() -> tuple[str, bool]:
-    """(commit, dirty) of the code being run; ('unknown', False) outside a git checkout."""
+    """(commit, dirty) of the code being run; ('unknown', False) outside a git checkout.
+
+    Asked once per process: the code that runs is the code imported at start, and a study would
+    otherwise ask git again for every trial.
+    """
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, check=True, timeout=10).stdout.strip()
@@ -59,7 +67,6 @@ class RunLogger:
             self.client.log_batch(self.run_id, params=items[start: start + _BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        import time
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for start in range(0, len(items), _BATCH):
@@ -151,4 +158,5 @@ def entry_point_run(experiment: str | None = None, run_name: str | None = None,
 
 
 def command_line() -> str:
-    return " ".join([os.path.basename(sys.executable), *sys.argv])
+    """The command exactly as started (``-m module`` and empty arguments included), shell-quoted."""
+    return shlex.join(sys.orig_argv)

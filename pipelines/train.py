@@ -194,7 +194,9 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
 
 
 def log_run_artifacts(logger: RunLogger, result: TrainResult, config: RunConfig, batcher: Batcher) -> None:
+    # Imported here: pipelines.evaluate imports this module.
     from pipelines.evaluate import log_training_evaluation
+    from pipelines.manifest import log_manifest
     from pipelines.model_io import log_model
     from pipelines.run_figures import figure_builders
 
@@ -202,10 +204,8 @@ def log_run_artifacts(logger: RunLogger, result: TrainResult, config: RunConfig,
         for path, draw in figure_builders(result.model, result.splits, batcher, result.history,
                                           preset=config.preset).items():
             logger.log_figure(draw(), path)
-    logger.log_dict(result.splits.summary(), "data.json")
     log_training_evaluation(logger, result.model, result.splits, batcher, config, step=result.best_epoch)
     info = log_model(logger, result.model, config)
     result.model_uri, result.model_id = info.model_uri, info.model_id
     logger.set_tags({"model_uri": info.model_uri})
-    from pipelines.manifest import log_manifest
     log_manifest(logger, config, result)

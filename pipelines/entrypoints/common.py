@@ -5,6 +5,7 @@ import math
 import os
 import signal
 import sys
+from argparse import _ActionsContainer
 from typing import Callable, Sequence
 
 from cvae.config import ConfigError
@@ -19,6 +20,16 @@ class UserError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, DataUnavailableError, UserError)
+
+
+EXPERIMENT_HELP = "MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else Default)"
+
+
+def add_run_arguments(parser: _ActionsContainer, run_name: str | None = None, experiment_help: str = EXPERIMENT_HELP,
+                      run_name_help: str = "MLflow run name") -> None:
+    """``--experiment`` and ``--run-name`` (also ``--run_name``, as `mlflow run` passes extra params)."""
+    parser.add_argument("--experiment", default=None, help=experiment_help)
+    parser.add_argument("--run-name", "--run_name", dest="run_name", default=run_name, help=run_name_help)
 
 
 def number_option(name: str, text: str | None, kind: type = int, default=None, minimum: float | None = None):

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from pipelines.config import ExecutionConfig
 from pipelines.data import check_available
-from pipelines.entrypoints.common import number_option, run_main
+from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
 from pipelines.execution import resolve_device
 
 
@@ -33,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classifier-train-size", default="0",
                         help="training images for the auxiliary classifier, 0 = the whole training split")
     parser.add_argument("--classifier-epochs", default="2", help="epochs of the auxiliary classifier")
-    parser.add_argument("--experiment", default=None,
-                        help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else Default)")
-    parser.add_argument("--run-name", default="evaluate", help="MLflow run name")
+    add_run_arguments(parser, run_name="evaluate")
     return parser
 
 

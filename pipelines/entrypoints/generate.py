@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipelines.config import ExecutionConfig
-from pipelines.entrypoints.common import UserError, number_option, run_main
+from pipelines.entrypoints.common import UserError, add_run_arguments, number_option, run_main
 from pipelines.execution import resolve_device
 
 GRID_ARTIFACT = "generated/samples.png"
@@ -40,9 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default="0", help="seed of the latent draws")
     parser.add_argument("--output", default="", help="also write the PNG here")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--experiment", default=None,
-                        help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else Default)")
-    parser.add_argument("--run-name", default="generate", help="MLflow run name")
+    add_run_arguments(parser, run_name="generate")
     return parser
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from pipelines.entrypoints.common import number_option, run_main
+from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
 
 EXIT_DIFFERS = 1
 
@@ -26,10 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default="",
                         help="where the dataset lies on this machine, if not where the original read it "
                              "(its checksums are still compared)")
-    parser.add_argument("--experiment", default=None,
-                        help="MLflow experiment of the re-run (default: $MLFLOW_EXPERIMENT_NAME, else "
-                             "the original's)")
-    parser.add_argument("--run-name", default=None, help="MLflow run name of the re-run")
+    add_run_arguments(parser, experiment_help="MLflow experiment of the re-run (default: "
+                      "$MLFLOW_EXPERIMENT_NAME, else the original's)", run_name_help="MLflow run name of the re-run")
     return parser
 
 

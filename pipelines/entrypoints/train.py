@@ -7,7 +7,7 @@ from typing import Sequence
 
 from pipelines.config import add_config_arguments, config_from_args, to_dict
 from pipelines.data import check_available
-from pipelines.entrypoints.common import run_main
+from pipelines.entrypoints.common import add_run_arguments, run_main
 from pipelines.execution import resolve_device
 from pipelines.presets import preset_names
 from pipelines.tracking import entry_point_run
@@ -18,9 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipelines.entrypoints.train",
         description="Train a conditional VAE and record it in MLflow. Losses are nats per example.")
     add_config_arguments(parser)
-    parser.add_argument("--experiment", default=None,
-                        help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else Default)")
-    parser.add_argument("--run-name", default=None, help="MLflow run name")
+    add_run_arguments(parser)
     parser.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     return parser

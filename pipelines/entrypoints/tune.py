@@ -10,7 +10,7 @@ from typing import Sequence
 
 from pipelines.config import add_config_arguments, config_from_args
 from pipelines.data import check_available
-from pipelines.entrypoints.common import number_option, run_main
+from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
 from pipelines.execution import resolve_device
 from pipelines.tracking import entry_point_run
 from pipelines.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, HEARTBEAT_GRACE_S, OBJECTIVES, PRUNERS, SAMPLERS,
@@ -55,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(study, "heartbeat_grace", default="",
           help=f"seconds without a heartbeat after which another worker fails a running trial "
                f"(default {HEARTBEAT_GRACE_S}; database storages only)")
-    _flag(study, "experiment", default=None, help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else Default)")
-    _flag(study, "run_name", default=None, help="name of the parent MLflow run (default: the study name)")
+    add_run_arguments(study, run_name_help="name of the parent MLflow run (default: the study name)")
     _flag(study, "list_spaces", action="store_true", help="print the search space names and exit")
     add_config_arguments(parser)
     return parser
