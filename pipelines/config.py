@@ -6,8 +6,8 @@ enough to rebuild its configuration. Presets and search spaces are overrides of 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
@@ -18,6 +18,7 @@ DATASETS = ("mnist", "fashion-mnist", "kmnist")
 BINARIZATIONS = ("none", "static", "dynamic")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_SEED = 2**63 - 1  # torch generators take at most 64 bits; negative seeds are a typo, not a seed
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class DataConfig:
         require_choice("data.dataset", self.dataset, DATASETS)
         require_choice("data.binarize", self.binarize, BINARIZATIONS)
         require(self.val_size >= 1, "data.val_size", self.val_size, "an integer >= 1")
+        require(0 <= self.split_seed <= MAX_SEED, "data.split_seed", self.split_seed, f"an integer in 0..{MAX_SEED}")
         require(self.limit_train >= 0, "data.limit_train", self.limit_train, "an integer >= 0 (0 = all)")
         require(self.limit_test >= 0, "data.limit_test", self.limit_test, "an integer >= 0 (0 = all)")
 
@@ -70,6 +72,7 @@ class ExecutionConfig:
         valid_device = dev in ("auto", "cpu", "cuda") or (
             dev.startswith("cuda:") and dev[5:].isdigit())
         require(valid_device, "execution.device", dev, "one of auto, cpu, cuda, cuda:N")
+        require(0 <= self.seed <= MAX_SEED, "execution.seed", self.seed, f"an integer in 0..{MAX_SEED}")
         require_choice("execution.precision", self.precision, PRECISIONS)
         require_choice("execution.deterministic", self.deterministic, ("auto", "true", "false"))
 
@@ -109,10 +112,36 @@ def field_index() -> dict[str, tuple[str, str, Any]]:
     return index
 
 
+def _parse_int(text: str) -> int:
+    """'16' or '16.0' (MLflow passes float-typed params so) -> 16; anything else raises ValueError."""
+    try:
+        return int(text)  # exact, also beyond float precision
+    except ValueError:
+        as_float = float(text)
+        if not as_float.is_integer():  # also rejects inf and nan
+            raise
+        return int(as_float)
+
+
+def _typed_value(key: str, typ, raw):
+    """A value that arrived typed (a search space, a JSON file): check its type, keep its value."""
+    if typing.get_origin(typ) is tuple:
+        return tuple(raw) if isinstance(raw, (list, tuple)) else raw  # the section checks the items
+    number = isinstance(raw, (int, float)) and not isinstance(raw, bool)
+    if typ is int and number and (isinstance(raw, int) or (math.isfinite(raw) and float(raw).is_integer())):
+        return int(raw)
+    if typ is float and number:
+        return float(raw)
+    if typ is bool and isinstance(raw, bool):
+        return raw
+    expected = {bool: "true or false", int: "an integer", float: "a finite number"}.get(typ, "a string")
+    raise ConfigError(f"{key}={raw!r} is not valid; expected {expected}")
+
+
 def parse_value(key: str, typ, raw):
     """Turn a string (CLI, MLflow param) into the field's type, with an error naming the key."""
     if not isinstance(raw, str):
-        return tuple(raw) if typing.get_origin(typ) is tuple else raw
+        return _typed_value(key, typ, raw)
     text = raw.strip()
     try:
         if typ is bool:
@@ -123,17 +152,14 @@ def parse_value(key: str, typ, raw):
                 return False
             raise ValueError
         if typ is int:
-            as_float = float(text)  # MLflow float params arrive as "16.0"
-            if not as_float.is_integer():
-                raise ValueError
-            return int(as_float)
+            return _parse_int(text)
         if typ is float:
-            return float(text)
+            return float(text)  # "inf", "nan": the section's check rejects them, naming its bound
         if typing.get_origin(typ) is tuple:
             parts = [p for p in text.replace(" ", "").split(",") if p]
-            return tuple(int(float(p)) for p in parts)
+            return tuple(_parse_int(p) for p in parts)
         return text
-    except ValueError:
+    except (ValueError, OverflowError):
         expected = {bool: "true or false", int: "an integer", float: "a number"}.get(
             typ, "comma-separated integers, e.g. 64,16,8")
         raise ConfigError(f"{key}={raw!r} is not valid; expected {expected}") from None
@@ -189,42 +215,3 @@ def from_dict(data: Mapping[str, Any]) -> RunConfig:
     if data.get("preset"):
         overrides["preset"] = data["preset"]
     return with_overrides(RunConfig(), overrides)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field (``--latent-dim``, ``--latent_dim``), plus ``--preset`` and ``--set``.
-
-    Defaults are suppressed so that only what the user gave overrides the preset. An empty value
-    (what MLproject passes for a parameter left unset) also means "not given".
-    """
-    index = field_index()
-    for section in SECTIONS:
-        group = parser.add_argument_group(section)
-        defaults = getattr(RunConfig(), section)
-        for name, (_, _, typ) in index.items():
-            if index[name][0] != section:
-                continue
-            dashed = name.replace("_", "-")
-            flags = [f"--{dashed}"] + ([f"--{name}"] if dashed != name else [])
-            default = getattr(defaults, name)
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            group.add_argument(*flags, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="VALUE",
-                               help=f"{section}.{name} (default: {shown!r})")
-    parser.add_argument("--preset", default=argparse.SUPPRESS,
-                        help="start from a named configuration (see --list-presets)")
-    parser.add_argument("--set", dest="cfg_set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any field by dotted name, e.g. --set model.hidden=64,16,8")
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    from pipelines.presets import preset_config  # late: presets build on this module
-
-    given = {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__") and v != ""}
-    for item in getattr(args, "cfg_set", []):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r} is not valid; expected KEY=VALUE")
-        given[key.strip()] = value
-    preset_name = getattr(args, "preset", "") or ""
-    base = preset_config(preset_name) if preset_name else RunConfig()
-    return with_overrides(base, given)

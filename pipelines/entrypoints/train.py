@@ -5,7 +5,8 @@ import argparse
 import json
 from typing import Sequence
 
-from pipelines.config import add_config_arguments, config_from_args, to_dict
+from pipelines.config import to_dict
+from pipelines.config_cli import add_config_arguments, config_from_args
 from pipelines.data import check_available
 from pipelines.entrypoints.common import add_run_arguments, run_main
 from pipelines.execution import resolve_device

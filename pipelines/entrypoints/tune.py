@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from pipelines.config import add_config_arguments, config_from_args
+from pipelines.config_cli import add_config_arguments, config_from_args
 from pipelines.data import check_available
 from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
 from pipelines.execution import resolve_device
