@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classifier-train-size", default="0",
                         help="training images for the auxiliary classifier, 0 = the whole training split")
     parser.add_argument("--classifier-epochs", default="2", help="epochs of the auxiliary classifier")
-    add_run_arguments(parser, run_name="evaluate")
+    add_run_arguments(parser, run_name_help="MLflow run name (default: evaluate · <the model's run name>)")
     return parser
 
 
@@ -52,9 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = resolved.config.data
     check_available(replace(data, data_dir=args.data_dir) if args.data_dir else data)
     from pipelines.evaluate import evaluate_model, summary_line
+    from pipelines.run_description import run_name
     from pipelines.tracking import entry_point_run
 
-    with entry_point_run(args.experiment, args.run_name) as logger:
+    with entry_point_run(args.experiment, args.run_name or f"evaluate · {run_name(resolved.config)}") as logger:
         metrics = evaluate_model(resolved, device, logger, data_dir=args.data_dir, **options)
     print(summary_line(logger.run_id, resolved.model_uri, metrics), flush=True)
     return 0
