@@ -5,6 +5,7 @@ configuration can never be built, and every error names the field and the accept
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 ARCHITECTURES = ("mlp", "conv")  # extended by cvae.registry when more families register
@@ -14,6 +15,9 @@ ACTIVATIONS = ("relu", "silu", "elu", "leaky_relu", "tanh")
 CONV_DECODERS = ("transpose", "upsample")
 GAUSSIAN_VARIANCES = ("fixed", "learned")
 KL_ESTIMATORS = ("analytic", "monte_carlo")
+# exp of cvae.model.LOG_STD_RANGE: the model clamps its std to this range, so a std outside it
+# would train as another value while the run's params say otherwise.
+GAUSSIAN_STD_RANGE = (math.exp(-6.0), math.exp(2.0))
 
 
 class ConfigError(ValueError):
@@ -25,7 +29,17 @@ def require_choice(field: str, value, choices) -> None:
         raise ConfigError(f"{field}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
 
 
+def _finite(expectation: str) -> str:
+    if expectation.startswith(("a number", "a positive number")):
+        return "a finite " + expectation[2:]
+    return f"{expectation} (finite)"
+
+
 def require(condition: bool, field: str, value, expectation: str) -> None:
+    """Raise a one-line ConfigError unless ``condition``. A non-finite number (inf, nan) is never
+    valid, whatever the condition says: ``inf > 0`` holds, yet no field can use infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{field}={value!r} is not valid; expected {_finite(expectation)}")
     if not condition:
         raise ConfigError(f"{field}={value!r} is not valid; expected {expectation}")
 
@@ -83,7 +97,9 @@ class ModelConfig:
         require_choice("model.conv_decoder", self.conv_decoder, CONV_DECODERS)
         require_choice("model.likelihood", self.likelihood, LIKELIHOODS)
         require_choice("model.gaussian_variance", self.gaussian_variance, GAUSSIAN_VARIANCES)
-        require(self.gaussian_std > 0, "model.gaussian_std", self.gaussian_std, "a positive number")
+        low, high = GAUSSIAN_STD_RANGE
+        require(low <= self.gaussian_std <= high, "model.gaussian_std", self.gaussian_std,
+                f"a number in [{low:.4g}, {high:.4g}] (the std the model can represent)")
 
     @property
     def conditional(self) -> bool:

@@ -1,19 +1,27 @@
-"""Datasets: find or fetch the IDX files, split them, and serve batches from the training device.
+"""Datasets: find or fetch the IDX files, read them in place, split them, and serve batches.
+
+The IDX files are read where they lie, compressed (``.gz``) or not: nothing is unpacked or copied,
+so a run in any directory leaves no ``./data`` behind when the files are installed elsewhere (e.g.
+Debian's dataset-fashion-mnist). torchvision is used only to download missing files. The headers
+alone give the split sizes, so a configuration that asks for more images than exist is rejected
+before any run is created.
 
 The split tensors stay uint8 and move to the device once; an epoch is a permutation on that
 device and a batch is an index slice of it, so no DataLoader worker sits on the hot path.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torchvision import datasets as tv_datasets
-from torchvision.datasets.utils import extract_archive
 
 from cvae.config import ConfigError
 from pipelines.config import DataConfig
@@ -27,8 +35,15 @@ DATASET_CLASSES = {
 DEBIAN_DATASET_DIRS = {
     "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"), "dataset-fashion-mnist"),
 }
-OFFLINE_ENV = "CVAE_OFFLINE"
-STATIC_BINARIZATION_THRESHOLD = 0.5  # set to 1 to never try a download
+OFFLINE_ENV = "CVAE_OFFLINE"  # set to 1 to never try a download
+STATIC_BINARIZATION_THRESHOLD = 0.5
+IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes, the only one these datasets use
+GZIP_MAGIC = b"\x1f\x8b"
+TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+IDX_NAMES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+# Salts that tell the two IDX files' example 0 apart in the evaluation binarization noise.
+_FILE_SALT = {"train": 0x2545F491, "test": 0x6A09E667}
 
 
 class DataUnavailableError(RuntimeError):
@@ -40,9 +55,18 @@ class SplitData:
     name: str
     images: torch.Tensor  # uint8 (N, C, H, W) on the training device
     labels: torch.Tensor  # int64 (N,) on the training device
+    # Each example's position in its IDX file (None: its position in this split) and which file
+    # ("train" or "test"): the evaluation binarization of an example depends on these alone.
+    example_index: torch.Tensor | None = None
+    source: str = "test"
 
     def __len__(self) -> int:
         return self.labels.shape[0]
+
+    def example_ids(self) -> torch.Tensor:
+        if self.example_index is not None:
+            return self.example_index
+        return torch.arange(len(self), device=self.labels.device)
 
 
 @dataclass
@@ -53,8 +77,9 @@ class DatasetSplits:
     train: SplitData
     val: SplitData
     test: SplitData
-    source_files: dict[str, str]  # file name -> SHA-256 of the file that was read
+    source_files: dict[str, str]  # IDX name -> SHA-256 of its uncompressed content, as read
     root: str
+    source_dir: str = ""  # where the IDX files were read from
 
     @property
     def num_classes(self) -> int:
@@ -64,6 +89,7 @@ class DatasetSplits:
         return {
             "dataset": self.dataset,
             "root": self.root,
+            "source_dir": self.source_dir,
             "source_files_sha256": self.source_files,
             "num_classes": self.num_classes,
             "image_shape": list(self.image_shape),
@@ -89,95 +115,199 @@ def _missing_message(dataset: str, root: Path, reason: str) -> str:
             f"in {raw} (choose the root with --data-dir or $CVAE_DATA_DIR){hint}.")
 
 
-def _gz_candidates(dataset: str, root: Path) -> list[Path]:
+def _candidate_dirs(dataset: str, root: Path) -> list[Path]:
     dirs = [root / DATASET_CLASSES[dataset].__name__ / "raw", root]
     if dataset in DEBIAN_DATASET_DIRS:
         dirs.append(DEBIAN_DATASET_DIRS[dataset][0])
     return dirs
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _find_in(directory: Path) -> dict[str, Path] | None:
+    """IDX name -> file in ``directory``, compressed or not; None unless all four are there."""
+    found = {}
+    for name in IDX_NAMES:
+        for candidate in (directory / f"{name}.gz", directory / name):
+            if candidate.is_file():
+                found[name] = candidate
+                break
+        else:
+            return None
+    return found
 
 
-def ensure_files(dataset: str, root: Path) -> list[Path]:
-    """Make torchvision's raw folder complete under ``root``; return the source files read.
+def _download(dataset: str, root: Path) -> dict[str, Path]:
+    """Fetch the compressed IDX files into ROOT/<Dataset>/raw with torchvision (MD5-checked,
+    first mirror that answers). They stay compressed: they are read in place like any others."""
+    from torchvision.datasets.utils import download_url
 
-    Archives found locally (torchvision layout, flat, or a Debian package) are extracted; their
-    MD5s are not checked against torchvision's because repackagers recompress them (torchvision's
-    IDX reader still checks every file's header and length). Otherwise torchvision downloads them.
-    """
     cls = DATASET_CLASSES[dataset]
     raw = root / cls.__name__ / "raw"
-    archives = {}
-    for directory in _gz_candidates(dataset, root):
-        found = {name: directory / name for name in required_files(dataset)}
-        if all(p.is_file() for p in found.values()):
-            archives = found
-            break
-    if archives:
-        for path in archives.values():
-            extracted = raw / path.name[: -len(".gz")]
-            if not extracted.is_file():
-                raw.mkdir(parents=True, exist_ok=True)
-                extract_archive(str(path), str(raw))
-        return list(archives.values())
+    for filename, md5 in cls.resources:
+        if (raw / filename).is_file():
+            continue
+        errors = []
+        for mirror in cls.mirrors:
+            try:
+                download_url(f"{mirror}{filename}", str(raw), filename=filename, md5=md5)
+                break
+            except Exception as error:  # torchvision raises RuntimeError/URLError variants per mirror
+                errors.append(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        else:
+            raise RuntimeError(f"cannot download {filename}: {'; '.join(errors)}")
+    found = _find_in(raw)
+    if found is None:
+        raise RuntimeError(f"the download left {raw} incomplete")
+    return found
 
-    unpacked = {name: raw / name[: -len(".gz")] for name in required_files(dataset)}
-    if all(p.is_file() for p in unpacked.values()):
-        return list(unpacked.values())
+
+def ensure_files(dataset: str, root: Path) -> dict[str, Path]:
+    """IDX name -> the file to read for it; downloads them (compressed) when none are found.
+
+    Looked for in ROOT/<Dataset>/raw (torchvision's layout), in ROOT, and in a Debian package's
+    directory; a directory counts when it holds all four files, each as ``.gz`` or uncompressed.
+    """
+    for directory in _candidate_dirs(dataset, root):
+        found = _find_in(directory)
+        if found:
+            return found
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         raise DataUnavailableError(_missing_message(dataset, root, f"{OFFLINE_ENV} is set"))
     try:
-        cls(str(root), train=True, download=True)
-    except Exception as error:  # torchvision raises RuntimeError/URLError variants per mirror
+        return _download(dataset, root)
+    except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataUnavailableError(_missing_message(dataset, root, reason)) from None
-    return [raw / name for name in required_files(dataset) if (raw / name).is_file()]
+
+
+def _open(path: Path):
+    """Open an IDX file for reading whether or not it is gzip-compressed (judged by its bytes)."""
+    with open(path, "rb") as handle:
+        compressed = handle.read(2) == GZIP_MAGIC
+    return gzip.open(path, "rb") if compressed else open(path, "rb")
+
+
+def _parse_header(head: bytes, path: Path) -> tuple[int, ...]:
+    if len(head) < 4 or head[:2] != b"\0\0" or head[2] != IDX_UBYTE:
+        raise DataUnavailableError(f"{path} is not an IDX file of unsigned bytes (header {head[:4].hex()})")
+    ndim = head[3]
+    if len(head) < 4 + 4 * ndim:
+        raise DataUnavailableError(f"{path} is truncated: its IDX header is incomplete")
+    return struct.unpack(f">{ndim}I", head[4: 4 + 4 * ndim])
+
+
+def idx_shape(path: Path) -> tuple[int, ...]:
+    """The array shape an IDX file declares, from its header only (a few bytes decompressed)."""
+    with _open(path) as handle:
+        head = handle.read(4)
+        return _parse_header(head + handle.read(4 * head[3] if len(head) == 4 else 0), path)
+
+
+def read_idx(path: Path) -> tuple[np.ndarray, str]:
+    """(array, SHA-256 of the uncompressed IDX bytes): the same data gives the same checksum
+    whether it was read from a ``.gz`` or from an extracted copy."""
+    with _open(path) as handle:
+        content = handle.read()
+    shape = _parse_header(content[: 4 + 4 * content[3]] if len(content) >= 4 else content, path)
+    offset = 4 + 4 * len(shape)
+    expected = int(np.prod(shape))
+    if len(content) - offset != expected:
+        raise DataUnavailableError(f"{path} holds {len(content) - offset} data bytes; its header "
+                                   f"declares {'x'.join(map(str, shape))} = {expected}")
+    array = np.frombuffer(content, dtype=np.uint8, offset=offset).reshape(shape)
+    return array, hashlib.sha256(content).hexdigest()
+
+
+def split_sizes(config: DataConfig) -> dict[str, int]:
+    """The sizes the splits will have, from the IDX headers; raises ConfigError when the
+    configuration asks for images that do not exist (e.g. a validation split as large as the
+    training file). Cheap: no image is read."""
+    return _checked_sizes(config, ensure_files(config.dataset, resolve_root(config)))
+
+
+def _checked_sizes(config: DataConfig, files: dict[str, Path]) -> dict[str, int]:
+    shapes = {name: idx_shape(files[name]) for name in IDX_NAMES}
+    for images, labels in ((TRAIN_IMAGES, TRAIN_LABELS), (TEST_IMAGES, TEST_LABELS)):
+        if shapes[images][0] != shapes[labels][0] or len(shapes[images]) != 3 or len(shapes[labels]) != 1:
+            raise DataUnavailableError(f"{files[images]} and {files[labels]} do not match: "
+                                       f"shapes {shapes[images]} and {shapes[labels]}")
+    n_train, n_test = shapes[TRAIN_LABELS][0], shapes[TEST_LABELS][0]
+    if config.val_size >= n_train:
+        raise ConfigError(f"data.val_size={config.val_size} is not valid; expected fewer than the "
+                          f"{n_train} training images of {config.dataset}")
+    train = n_train - config.val_size
+    return {"train": min(train, config.limit_train) if config.limit_train else train, "val": config.val_size,
+            "test": min(n_test, config.limit_test) if config.limit_test else n_test}
 
 
 def check_available(config: DataConfig) -> None:
-    """Fail early (before any run is opened) when the data cannot be had; checksums come later."""
-    ensure_files(config.dataset, resolve_root(config))
+    """Fail early (before any run is opened) when the data cannot be had or the configuration
+    asks for more images than it holds; checksums come later, when the files are read."""
+    split_sizes(config)
 
 
 def load_splits(config: DataConfig, device: torch.device) -> DatasetSplits:
     root = resolve_root(config)
-    sources = {path.name: _sha256(path) for path in ensure_files(config.dataset, root)}
+    files = ensure_files(config.dataset, root)
+    _checked_sizes(config, files)  # the same checks, and messages, as before a run
+    arrays, sources = {}, {}
+    for name in IDX_NAMES:
+        arrays[name], sources[name] = read_idx(files[name])
     cls = DATASET_CLASSES[config.dataset]
-    train_full = cls(str(root), train=True, download=False)
-    test_full = cls(str(root), train=False, download=False)
-
-    images = train_full.data.unsqueeze(1)  # uint8 (N, 1, H, W)
-    labels = train_full.targets.long()
-    if config.val_size >= len(labels):
-        raise ConfigError(f"data.val_size={config.val_size} is not valid; expected fewer than the "
-                          f"{len(labels)} training images")
+    images = torch.from_numpy(arrays[TRAIN_IMAGES].copy()).unsqueeze(1)  # uint8 (N, 1, H, W)
+    labels = torch.from_numpy(arrays[TRAIN_LABELS].astype(np.int64))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.split_seed))
     val_idx, train_idx = order[: config.val_size], order[config.val_size:]
     if config.limit_train:
         train_idx = train_idx[: config.limit_train]
-    test_images, test_labels = test_full.data.unsqueeze(1), test_full.targets.long()
-    if config.limit_test:
-        test_images, test_labels = test_images[: config.limit_test], test_labels[: config.limit_test]
+    test_count = config.limit_test or len(arrays[TEST_LABELS])
+    test_images = torch.from_numpy(arrays[TEST_IMAGES][:test_count].copy()).unsqueeze(1)
+    test_labels = torch.from_numpy(arrays[TEST_LABELS][:test_count].astype(np.int64))
 
-    def split(name, imgs, labs):
-        return SplitData(name, imgs.contiguous().to(device), labs.contiguous().to(device))
+    def split(name, imgs, labs, index, source):
+        return SplitData(name, imgs.contiguous().to(device), labs.contiguous().to(device),
+                         index.to(device), source)
 
     return DatasetSplits(
         dataset=config.dataset,
         class_names=tuple(cls.classes),
         image_shape=tuple(images.shape[1:]),
-        train=split("train", images[train_idx], labels[train_idx]),
-        val=split("val", images[val_idx], labels[val_idx]),
-        test=split("test", test_images, test_labels),
+        train=split("train", images[train_idx], labels[train_idx], train_idx, "train"),
+        val=split("val", images[val_idx], labels[val_idx], val_idx, "train"),
+        test=split("test", test_images, test_labels, torch.arange(len(test_labels)), "test"),
         source_files=sources,
         root=str(root),
+        source_dir=str(files[TRAIN_IMAGES].parent),
     )
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, constant: int) -> torch.Tensor:
+    """(h * constant) mod 2**32 for h < 2**32, in 16-bit halves so int64 never overflows."""
+    low, high = h & 0xFFFF, h >> 16
+    return (low * constant + (((high * constant) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: a bijection that spreads every input bit over the output."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def evaluation_noise(example_ids: torch.Tensor, pixels: int, source: str) -> torch.Tensor:
+    """Uniform [0, 1) noise, (N, pixels), a pure function of (IDX file, example index, pixel).
+
+    Evaluation's dynamic binarization compares against it, so an example is binarized the same
+    way whatever the split's size (``--limit-test``, ``--val-size``), batch, device or seed.
+    """
+    keys = _mix32((_mix32(example_ids.long() & _MASK32) + _FILE_SALT[source]) & _MASK32)
+    pixel = torch.arange(pixels, device=example_ids.device, dtype=torch.int64)
+    hashed = _mix32(keys[:, None] ^ _mix32(pixel + 1)[None, :])
+    return (hashed >> 8).float() * (1.0 / (1 << 24))  # 24 bits: exact in float32
 
 
 def as_unit_floats(images: torch.Tensor) -> torch.Tensor:
@@ -188,15 +318,24 @@ def as_unit_floats(images: torch.Tensor) -> torch.Tensor:
 class Batcher:
     """Turns uint8 device tensors into float batches, binarized as configured.
 
-    Evaluation batches with dynamic binarization use one fixed Bernoulli draw per split (seeded)
-    so validation and test losses are comparable across epochs and runs.
+    Evaluation batches with dynamic binarization use one fixed Bernoulli draw per example (a hash
+    of its index in its IDX file), so validation and test losses are comparable across epochs,
+    runs and ``--limit-test`` values.
     """
 
     def __init__(self, binarize: str, seed: int, device: torch.device):
         self.binarize = binarize
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self._eval_noise: dict[str, torch.Tensor] = {}
+        self._eval_noise: dict[int, tuple[SplitData, torch.Tensor]] = {}
+
+    def _noise(self, split: SplitData, pixels: int) -> torch.Tensor:
+        """The split's evaluation noise, computed once per split (hashing costs ~0.1 s per 1000 images)."""
+        cached = self._eval_noise.get(id(split))
+        if cached is None or cached[0] is not split:
+            ids = split.example_ids().to(self.device)
+            cached = self._eval_noise[id(split)] = (split, evaluation_noise(ids, pixels, split.source))
+        return cached[1]
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
         x = as_unit_floats(images)
@@ -214,11 +353,9 @@ class Batcher:
             yield x, split.labels[idx]
 
     def eval_batches(self, split: SplitData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.binarize == "dynamic" and split.name not in self._eval_noise:
-            fixed = torch.Generator(device=self.device).manual_seed(len(split))
-            self._eval_noise[split.name] = torch.rand(split.images.shape, device=self.device, generator=fixed)
+        noise = self._noise(split, split.images[0].numel()) if self.binarize == "dynamic" else None
         for start in range(0, len(split), batch_size):
             x = self._to_float(split.images[start: start + batch_size])
-            if self.binarize == "dynamic":
-                x = (self._eval_noise[split.name][start: start + batch_size] < x).float()
+            if noise is not None:
+                x = (noise[start: start + batch_size].view_as(x) < x).float()
             yield x, split.labels[start: start + batch_size]

@@ -108,8 +108,8 @@ def _train_epoch(model, optimizer, scaler, batcher, split, config, device, epoch
         bar.update(len(y))
     loss, recon, kl = (totals / len(split)).tolist()
     if not all(math.isfinite(v) for v in (loss, recon, kl)):
-        raise NonFiniteLossError(f"training loss became non-finite in epoch {epoch} "
-                                 f"(loss={loss}, recon={recon}, kl={kl}); lower optim.lr or set optim.grad_clip")
+        from pipelines.divergence import divergence_message
+        raise NonFiniteLossError(divergence_message(config, "training", epoch, {"loss": loss, "recon": recon, "kl": kl}))
     return {"loss": loss, "recon": recon, "kl": kl, "kl_weight": beta}
 
 
@@ -166,7 +166,8 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
               f"val/recon {val_terms['recon']:.2f}  val/kl {val_terms['kl']:.2f}  "
               f"{metrics['examples_per_s']:.0f} img/s", flush=True)
         if not math.isfinite(val_terms["loss"]):
-            raise NonFiniteLossError(f"validation loss became non-finite in epoch {epoch}")
+            from pipelines.divergence import divergence_message
+            raise NonFiniteLossError(divergence_message(config, "validation", epoch, val_terms))
         if val_terms["loss"] < best_val:
             best_val, best_epoch, stale = val_terms["loss"], epoch, 0
             best_state = copy.deepcopy(model.state_dict())

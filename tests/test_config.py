@@ -1,5 +1,6 @@
 """The one configuration object: validation, flattening to MLflow params, CLI flags, MLproject."""
 import argparse
+import math
 
 import pytest
 import yaml
@@ -86,3 +87,48 @@ def test_numeric_options_accept_mlflow_floats_and_name_the_parameter():
     for bad in ("abc", "-1", "nan", "inf", "2.5"):
         with pytest.raises(UserError, match=rf"n={bad!r} is not valid; expected an integer >= 0"):
             number_option("n", bad, int, None, minimum=0)
+
+
+FLOAT_FIELDS = sorted(name for name, (_, _, typ) in field_index().items() if typ is float)
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e999"])
+def test_no_float_field_accepts_a_non_finite_number(name, text):
+    section = field_index()[name][0]
+    with pytest.raises(ConfigError, match=rf"^{section}\.{name}=.* is not valid; expected a finite"):
+        with_overrides(RunConfig(), {name: text})
+    with pytest.raises(ConfigError, match=rf"^{section}\.{name}="):
+        with_overrides(RunConfig(), {name: float(text)})  # typed, as a search space returns it
+
+
+def test_gaussian_std_is_limited_to_what_the_model_represents():
+    from cvae.config import GAUSSIAN_STD_RANGE
+    from cvae.model import LOG_STD_RANGE
+
+    assert GAUSSIAN_STD_RANGE == pytest.approx(tuple(math.exp(v) for v in LOG_STD_RANGE))
+    with_overrides(RunConfig(), {"gaussian_std": str(GAUSSIAN_STD_RANGE[1])})
+    with pytest.raises(ConfigError, match=r"model.gaussian_std=8.0 is not valid; expected a number in \[0.002479, 7.389\]"):
+        with_overrides(RunConfig(), {"gaussian_std": "8"})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"hidden": "64.5"}, "model.hidden='64.5' is not valid; expected comma-separated integers"),
+    ({"hidden": "inf"}, "model.hidden='inf' is not valid"),
+    ({"latent_dim": 2.5}, "model.latent_dim=2.5 is not valid; expected an integer"),
+    ({"latent_dim": True}, "model.latent_dim=True is not valid; expected an integer"),
+    ({"batch_norm": "maybe"}, "model.batch_norm='maybe' is not valid; expected true or false"),
+    ({"arch": 3}, "model.arch=3 is not valid; expected a string"),
+    ({"seed": "-1"}, "execution.seed=-1 is not valid; expected an integer in 0.."),
+    ({"split_seed": str(2**64)}, "data.split_seed=18446744073709551616 is not valid"),
+])
+def test_values_of_the_wrong_kind_are_rejected_with_one_line(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        with_overrides(RunConfig(), overrides)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_integers_parse_exactly_and_typed_values_pass_through():
+    assert with_overrides(RunConfig(), {"seed": str(2**62 + 1)}).execution.seed == 2**62 + 1  # no float rounding
+    config = with_overrides(RunConfig(), {"latent_dim": 8.0, "hidden": [64, 32], "lr": 1, "batch_norm": True})
+    assert config.model.latent_dim == 8 and config.model.hidden == (64, 32) and config.optim.lr == 1.0

@@ -1,13 +1,18 @@
-"""Data: finding IDX files (own, Debian's, none), deterministic splits, binarization, batches."""
+"""Data: finding IDX files (own, Debian's, none) and reading them in place, deterministic splits,
+binarization, batches, and the split sizes known from the headers before any run."""
 import gzip
+import hashlib
 import struct
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from pipelines.config import DataConfig
-from pipelines.data import Batcher, DataUnavailableError, check_available, load_splits
+from cvae.config import ConfigError
+from pipelines.data import Batcher, DataUnavailableError, check_available, load_splits, split_sizes
 from conftest import FASHION_DIR
 
 
@@ -37,8 +42,8 @@ def test_own_idx_files_load_with_deterministic_split(tiny_mnist):
     assert first.train.images.dtype == torch.uint8 and first.image_shape == (1, 28, 28)
     assert first.num_classes == 10 and first.class_names[0] == "0 - zero"
     assert torch.equal(first.val.images, second.val.images)
-    assert set(first.source_files) == {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}
+    assert set(first.source_files) == {"train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"}
     assert all(len(digest) == 64 for digest in first.source_files.values())
     other_seed = load_splits(DataConfig(dataset="mnist", data_dir=str(tiny_mnist), val_size=20, split_seed=1),
                              torch.device("cpu"))
@@ -51,8 +56,54 @@ def test_debian_fashion_mnist_is_used_without_download(tmp_path, monkeypatch):
                          torch.device("cpu"))
     assert len(splits.train) == 55000 and len(splits.val) == 5000 and len(splits.test) == 100
     assert splits.class_names[9] == "Ankle boot"
-    assert splits.source_files["train-images-idx3-ubyte.gz"] == __import__("hashlib").sha256(
-        (FASHION_DIR / "train-images-idx3-ubyte.gz").read_bytes()).hexdigest()
+    with gzip.open(FASHION_DIR / "train-images-idx3-ubyte.gz") as handle:  # the bytes read, uncompressed
+        assert splits.source_files["train-images-idx3-ubyte"] == hashlib.sha256(handle.read()).hexdigest()
+    assert splits.summary()["source_dir"] == str(FASHION_DIR)
+    assert not any(tmp_path.iterdir()), "nothing is unpacked or copied into the data root"
+
+
+def test_a_run_in_any_directory_reads_installed_files_in_place(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CVAE_DATA_DIR", raising=False)
+    monkeypatch.setenv("CVAE_OFFLINE", "1")
+    splits = load_splits(DataConfig(dataset="fashion-mnist", limit_train=10, limit_test=10), torch.device("cpu"))
+    assert len(splits.test) == 10
+    assert list(tmp_path.iterdir()) == [], "no ./data (or anything else) appears in the working directory"
+
+
+def test_compressed_and_extracted_files_give_the_same_data_and_checksums(tiny_mnist, tmp_path_factory):
+    extracted = tmp_path_factory.mktemp("extracted")
+    for path in (tiny_mnist / "MNIST" / "raw").iterdir():
+        with gzip.open(path) as handle:
+            (extracted / path.name[: -len(".gz")]).write_bytes(handle.read())
+    config = DataConfig(dataset="mnist", val_size=20)
+    from_gz = load_splits(replace(config, data_dir=str(tiny_mnist)), torch.device("cpu"))
+    from_raw = load_splits(replace(config, data_dir=str(extracted)), torch.device("cpu"))
+    assert from_gz.source_files == from_raw.source_files
+    assert torch.equal(from_gz.train.images, from_raw.train.images) and torch.equal(from_gz.test.labels,
+                                                                                    from_raw.test.labels)
+
+
+def test_split_sizes_come_from_the_headers_and_reject_an_impossible_validation_split(tiny_mnist):
+    raw = tiny_mnist / "MNIST" / "raw"
+    # Cut the training images short after their header: the sizes need only the header ...
+    with gzip.open(raw / "train-images-idx3-ubyte.gz") as handle:
+        header = handle.read(16)
+    with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb") as handle:
+        handle.write(header + b"\0" * 100)
+    config = DataConfig(dataset="mnist", data_dir=str(tiny_mnist), val_size=20, limit_train=50, limit_test=1000)
+    assert split_sizes(config) == {"train": 50, "val": 20, "test": 40}
+    with pytest.raises(ConfigError, match=r"^data.val_size=120 is not valid; expected fewer than the 120 training"):
+        check_available(replace(config, val_size=120))
+    # ... while reading the images notices the damage.
+    with pytest.raises(DataUnavailableError, match="holds 100 data bytes"):
+        load_splits(config, torch.device("cpu"))
+
+
+def test_a_file_that_is_not_idx_is_named(tiny_mnist):
+    (tiny_mnist / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"<html>"))
+    with pytest.raises(DataUnavailableError, match="t10k-labels-idx1-ubyte.gz is not an IDX file"):
+        check_available(DataConfig(dataset="mnist", data_dir=str(tiny_mnist), val_size=20))
 
 
 def test_missing_data_names_the_files_and_the_debian_alternative(tmp_path, monkeypatch):
@@ -91,3 +142,22 @@ def test_an_epoch_visits_every_example_once(tiny_mnist):
                          torch.device("cpu"))
     labels = torch.cat([y for _, y in Batcher("none", 3, torch.device("cpu")).train_batches(splits.train, 7)])
     assert sorted(labels.tolist()) == sorted(splits.train.labels.tolist())
+
+
+def test_dynamic_binarization_of_an_example_does_not_depend_on_the_split_size(tiny_mnist):
+    config = DataConfig(dataset="mnist", data_dir=str(tiny_mnist), val_size=20)
+    whole = load_splits(config, torch.device("cpu"))
+    limited = load_splits(replace(config, limit_test=7), torch.device("cpu"))
+    first = next(Batcher("dynamic", 0, torch.device("cpu")).eval_batches(whole.test, 1000))[0]
+    again = next(Batcher("dynamic", 5, torch.device("cpu")).eval_batches(limited.test, 3))[0]
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(first[:3], again)  # same examples, same pixels on, whatever limit_test and seed
+    assert not torch.equal(first[0], first[1])
+    # The validation split's examples keep their draw when the split is larger.
+    bigger = load_splits(replace(config, val_size=30), torch.device("cpu"))
+    val_small = torch.cat([x for x, _ in Batcher("dynamic", 0, torch.device("cpu")).eval_batches(whole.val, 8)])
+    val_big = torch.cat([x for x, _ in Batcher("dynamic", 0, torch.device("cpu")).eval_batches(bigger.val, 8)])
+    position = {int(i): k for k, i in enumerate(bigger.val.example_index)}
+    shared = [(k, position[i]) for k, i in enumerate(whole.val.example_index.tolist()) if i in position]
+    assert len(shared) == 20
+    assert all(torch.equal(val_small[k], val_big[j]) for k, j in shared)
