@@ -23,16 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="models:/<model_id>, models:/NAME@alias, models:/NAME/<version>, or a run id")
     parser.add_argument("--k", default="1000",
                         help="importance samples per example for the IWAE bound (default 1000)")
-    parser.add_argument("--limit-test", default="",
+    parser.add_argument("--limit-test", "--limit_test", default="",
                         help="test images to use, 0 = all (default: as the model was trained)")
-    parser.add_argument("--data-dir", default="", help="data root (default: as the model was trained)")
+    parser.add_argument("--data-dir", "--data_dir", default="", help="data root (default: as the model was trained)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", default="0", help="seed of the importance samples and generated images")
-    parser.add_argument("--images-per-pass", default="10000",
+    parser.add_argument("--images-per-pass", "--images_per_pass", default="10000",
                         help="decoded images held in memory at once by the IWAE estimate")
-    parser.add_argument("--classifier-train-size", default="0",
+    parser.add_argument("--classifier-train-size", "--classifier_train_size", default="0",
                         help="training images for the auxiliary classifier, 0 = the whole training split")
-    parser.add_argument("--classifier-epochs", default="2", help="epochs of the auxiliary classifier")
+    parser.add_argument("--classifier-epochs", "--classifier_epochs", default="2", help="epochs of the auxiliary classifier")
     add_run_arguments(parser, run_name_help="MLflow run name (default: evaluate · <the model's run name>)")
     return parser
 

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="relative tolerance on metrics and absolute tolerance on weights; empty: "
                              "0 (bitwise) for deterministic CPU runs, 1e-3 for deterministic GPU runs, "
                              "1e-2 for non-deterministic ones")
-    parser.add_argument("--data-dir", default="",
+    parser.add_argument("--data-dir", "--data_dir", default="",
                         help="where the dataset lies on this machine, if not where the original read it "
                              "(its checksums are still compared)")
     add_run_arguments(parser, experiment_help="MLflow experiment of the re-run (default: "
