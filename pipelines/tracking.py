@@ -149,8 +149,10 @@ def entry_point_run(experiment: str | None = None, run_name: str | None = None,
     else:
         run_id = start_run(client, experiment, run_name, tags=tags)
     logger = RunLogger(run_id, client)
+    from pipelines.liveness import heartbeat  # the tag `stale_runs` reads to find killed runs
     try:
-        yield logger
+        with heartbeat(client, run_id):
+            yield logger
     except BaseException as error:
         end_run_for(client, run_id, error)
         raise

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.entities.model_registry import ModelVersion
 from optuna.trial import FrozenTrial, TrialState
 
+from pipelines.liveness import heartbeat
 from pipelines.tracking import RunLogger, end_run_for, start_run
 
 RUN_ID_ATTR = "mlflow_run_id"
@@ -69,7 +70,8 @@ def trial_run(client: MlflowClient, parent_run_id: str, study_name: str,
     trial.set_user_attr(RUN_ID_ATTR, run_id)
     trial.set_user_attr(PARENT_RUN_ID_ATTR, parent_run_id)
     try:
-        yield RunLogger(run_id, client)
+        with heartbeat(client, run_id):  # `stale_runs` can close it if this worker is killed
+            yield RunLogger(run_id, client)
     except optuna.TrialPruned:
         client.set_tag(run_id, STATE_TAG, TrialState.PRUNED.name)
         client.set_terminated(run_id, "KILLED")

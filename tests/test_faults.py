@@ -81,3 +81,75 @@ def test_divergence_fails_the_run_with_one_line_naming_the_cause_and_the_remedy(
     assert "optim.lr=1e+10 is too high for adam; lower --lr" in line
     (run,) = store.runs()
     assert run.info.status == "FAILED" and "optim.lr=1e+10" in run.data.tags["error"]
+
+
+STALE = "pipelines.entrypoints.stale_runs"
+
+
+def test_stale_runs_are_those_silent_longer_than_the_grace(store):
+    from pipelines.liveness import HEARTBEAT_TAG, close_stale_run, stale_runs
+
+    client = store.client
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    now = float(int(time.time()))  # whole seconds, as the tag holds them
+    long_ago = int((now - 600) * 1000)
+    silent = client.create_run(experiment, long_ago, tags={HEARTBEAT_TAG: str(int(now - 500))}).info.run_id
+    beating = client.create_run(experiment, long_ago, tags={HEARTBEAT_TAG: str(int(now - 5))}).info.run_id
+    never = client.create_run(experiment, start_time=int((now - 300) * 1000)).info.run_id
+    young = client.create_run(experiment, start_time=int((now - 10) * 1000)).info.run_id
+    finished = client.create_run(experiment, tags={HEARTBEAT_TAG: "1"}).info.run_id
+    client.set_terminated(finished, "FINISHED")
+
+    found = stale_runs(client, [experiment], grace_s=120, now=now)
+    assert [s.run_id for s in found] == [silent, never]  # longest silent first
+    assert found[0].has_heartbeat and not found[1].has_heartbeat
+    assert "last heartbeat 500 s ago, more than the grace of 120 s" in found[0].reason(now, 120)
+    assert "no heartbeat since it started 300 s ago" in found[1].reason(now, 120)
+    assert {s.run_id for s in stale_runs(client, [experiment], grace_s=0, now=now)} == {
+        silent, beating, never, young}
+
+    client.set_tag(silent, HEARTBEAT_TAG, str(int(now)))  # it beat after being listed: alive after all
+    assert close_stale_run(client, found[0], "stale") is False
+    assert client.get_run(silent).info.status == "RUNNING"
+    assert close_stale_run(client, found[1], "stale") is True
+    closed = client.get_run(never)
+    assert closed.info.status == "KILLED" and closed.data.tags["error"] == "stale"
+    assert closed.info.end_time == closed.info.start_time  # ended at its last sign of life
+
+
+@pytest.mark.slow
+def test_a_sigkilled_train_run_is_found_and_closed_killed(store):
+    env = {**store.env, "CVAE_HEARTBEAT_INTERVAL_S": "1"}
+    process = subprocess.Popen([sys.executable, "-m", TRAIN, *TINY_DATA, "--epochs", "200", "--patience", "0"],
+                               cwd=store.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("epoch 1:"):
+                break
+        alive = store.cli(STALE, "--grace", "60")
+        assert alive.returncode == 0 and "no stale RUNNING runs (grace 60 s)" in alive.stdout, alive.stdout
+        process.kill()  # SIGKILL: nothing of the process can clean up
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    (run,) = store.runs()
+    assert run.info.status == "RUNNING" and int(run.data.tags["heartbeat"]) * 1000 >= run.info.start_time // 1000 * 1000
+
+    listed = store.cli(STALE, "--grace", "0")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert run.info.run_id in listed.stdout and "nothing changed (dry run)" in listed.stdout
+    assert store.runs()[0].info.status == "RUNNING"
+
+    closed = store.cli(STALE, "--grace", "0", "--experiment", "tests", "--close")
+    assert closed.returncode == 0 and "1 of 1 stale run(s) closed as KILLED" in closed.stdout, closed.stdout
+    (run,) = store.runs()
+    assert run.info.status == "KILLED"
+    assert "the process running it was killed or lost" in run.data.tags["error"]
+    assert run.info.end_time == int(run.data.tags["heartbeat"]) * 1000
+    assert_no_running(store)
+
+
+def test_stale_runs_rejects_an_unknown_experiment_in_one_line(store):
+    done = store.cli(STALE, "--experiment", "nope")
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: experiment='nope' is not valid; no such experiment in the tracking store")
