@@ -19,6 +19,7 @@ from typing import Iterator, Mapping
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -30,7 +31,56 @@ def configure_tracking() -> str:
     """Use $MLFLOW_TRACKING_URI when set, else the embedded SQLite store in the working directory."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
+    bound_http_retries(uri)
     return uri
+
+
+# A tracking server that goes away mid-study (restart, network) is retried by MLflow's client
+# with exponential backoff: waits of 0, 4, 8, 16, 32, 64 s (about two minutes, enough for a
+# server restart), each request giving up after 60 s without an answer; then the call raises.
+# MLflow's own defaults (7 retries, 120 s timeouts) keep a worker hanging for up to 20 minutes.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+HEALTH_ATTEMPTS = 3  # a tracking server just (re)starting gets a few seconds before we give up
+_reachable: set[str] = set()
+
+
+def _is_server_uri(uri: str) -> bool:
+    return uri.split("://", 1)[0].lower() in ("http", "https")
+
+
+def bound_http_retries(uri: str) -> None:
+    """For a tracking server, MLflow's HTTP retries get the bounds above, where the user set none."""
+    if _is_server_uri(uri):
+        for name, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+
+
+def require_tracking_server(uri: str) -> None:
+    """Stop with a one-line ``ConfigError`` when no MLflow server answers at an http(s) tracking URI.
+
+    Asked once per process and URI, before anything is created or trained: without it, the first
+    logging call would retry for minutes and end in a traceback. Local stores need no check.
+    """
+    if not _is_server_uri(uri) or uri in _reachable:
+        return
+    import requests
+    from cvae.config import ConfigError
+
+    health = uri.rstrip("/") + "/health"
+    for attempt in range(1, HEALTH_ATTEMPTS + 1):
+        try:
+            response = requests.get(health, timeout=10)
+            if response.ok:
+                _reachable.add(uri)
+                return
+            problem = f"{health} answered HTTP {response.status_code}"
+        except requests.RequestException as error:
+            problem = f"no answer from {health} ({type(error).__name__})"
+        if attempt < HEALTH_ATTEMPTS:
+            time.sleep(attempt)
+    raise ConfigError(f"MLFLOW_TRACKING_URI={uri} is not valid; {problem}: start the tracking server "
+                      "(`mlflow server ...`, see docs/scaling.md) or point MLFLOW_TRACKING_URI at a running one")
 
 
 @functools.cache
@@ -92,14 +142,27 @@ class RunLogger:
         self.client.log_artifact(self.run_id, path, artifact_path)
 
 
+def _get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """Workers starting together on one tracking server race to create the experiment: the
+    losers get RESOURCE_ALREADY_EXISTS and use the winner's."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def resolve_experiment_id(client: MlflowClient, name: str | None) -> str:
     """The experiment named (created if needed), else $MLFLOW_EXPERIMENT_ID/NAME, else Default."""
+    require_tracking_server(client.tracking_uri)  # the first call to the store, in every entry point
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
     if not name and os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return os.environ["MLFLOW_EXPERIMENT_ID"]
-    name = name or "Default"
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    return _get_or_create_experiment(client, name or "Default")
 
 
 def start_run(client: MlflowClient, experiment: str | None = None, run_name: str | None = None,

@@ -112,11 +112,34 @@ def open_storage(url: str, heartbeat_grace_s: int = HEARTBEAT_GRACE_S) -> BaseSt
         path = url[len(JOURNAL_PREFIX):]
         require(bool(path), "storage", url, "journal:PATH, e.g. journal:optuna.log")
         return JournalStorage(JournalFileBackend(path))
+    import contextlib
+    import functools
+    import importlib.util
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    startup_lock_key = 0x63766165  # any fixed 64-bit key, the same in every worker ("cvae")
+
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite:") else {}
-    with warnings.catch_warnings():
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None \
+            and importlib.util.find_spec("psycopg") is not None:
+        # SQLAlchemy reads plain postgresql:// as psycopg2; the [postgres] extra installs psycopg 3.
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    with warnings.catch_warnings(), contextlib.ExitStack() as startup:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are stable in use
+        if url.startswith("postgres"):
+            # Workers starting together on a fresh database race to create Optuna's tables
+            # ("duplicate key value violates unique constraint pg_type_typname_nsp_index"): one
+            # creates them under a PostgreSQL advisory lock while the others wait, on any machine.
+            import sqlalchemy
+            engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+            startup.callback(engine.dispose)
+            lock = startup.enter_context(engine.connect())  # closing it releases the lock
+            lock.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": startup_lock_key})
+        # A dead worker's trial: close its MLflow runs, then queue it once more (same params) for
+        # the next free worker. Once: a trial that kills its worker twice is not tried a third time.
+        on_stale = functools.partial(close_stale_trial, retry=RetryHeartbeatStaleTrialCallback(max_retry=1))
         return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=max(1, heartbeat_grace_s // 4),
-                          grace_period=heartbeat_grace_s, heartbeat_stale_trial_callback=close_stale_trial)
+                          grace_period=heartbeat_grace_s, heartbeat_stale_trial_callback=on_stale)
 
 
 def _sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -169,6 +192,9 @@ def prepare_study(settings: StudySettings, base: RunConfig, experiment: str | No
             raise
         except Exception as error:  # SQLAlchemy, driver or file errors: all mean "cannot use this storage"
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if isinstance(error, ImportError) and settings.storage.startswith("postgres"):
+                missing = error.__cause__ or error  # Optuna re-raises SQLAlchemy's ImportError with its own text
+                reason = f"no PostgreSQL driver ({missing}): pip install 'cvae-harness[postgres]' (psycopg 3)"
             raise ConfigError(f"storage={display_url(settings.storage)!r} is not valid; cannot open it: "
                               f"{reason}") from None
         resolve_experiment_id(MlflowClient(), experiment)  # the client creates MLflow's tables

@@ -93,19 +93,29 @@ def close_abandoned_trial(study: optuna.Study, client: MlflowClient, trial: optu
         client.set_terminated(run_id, "KILLED")
 
 
-def close_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+def close_stale_trial(study: optuna.Study, trial: FrozenTrial,
+                      retry: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> None:
     """Optuna failed ``trial`` because its worker stopped sending heartbeats: that worker is gone,
-    so its child run and its parent run end KILLED here, by the worker that noticed."""
-    client = MlflowClient()
+    so its child run and its parent run end KILLED here, by the worker that noticed.
+
+    ``retry`` (Optuna's ``RetryHeartbeatStaleTrialCallback``) queues the trial again first, so the
+    study stays right even when the tracking server cannot be reached to close the runs.
+    """
     reason = "the worker running this trial stopped sending heartbeats (killed or lost)"
-    for attr in (RUN_ID_ATTR, PARENT_RUN_ID_ATTR):
-        run_id = trial.user_attrs.get(attr)
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "error", reason)
-            if attr == RUN_ID_ATTR:
-                client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
-            client.set_terminated(run_id, "KILLED")
-    print(f"note: trial {trial.number} failed: {reason}", flush=True)
+    if retry is not None:
+        retry(study, trial)
+    print(f"note: trial {trial.number} failed: {reason}" + ("; queued again" if retry else ""), flush=True)
+    client = MlflowClient()
+    try:
+        for attr in (RUN_ID_ATTR, PARENT_RUN_ID_ATTR):
+            run_id = trial.user_attrs.get(attr)
+            if run_id and client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "error", reason)
+                if attr == RUN_ID_ATTR:
+                    client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
+                client.set_terminated(run_id, "KILLED")
+    except MlflowException as error:  # the study goes on; the runs stay RUNNING in the UI until closed
+        print(f"note: could not close trial {trial.number}'s MLflow runs: {error}", flush=True)
 
 
 def _plot_builders(study: optuna.Study, objectives: Sequence[str],
