@@ -97,3 +97,18 @@ def conditional_run(tmp_path_factory, data_dir):
 def assert_no_running(store: Store) -> None:
     running = [r.info.run_id for r in store.runs() if r.info.status == "RUNNING"]
     assert not running, f"runs left RUNNING: {running}"
+
+
+@pytest.fixture(scope="session")
+def server_stack():
+    """A private PostgreSQL cluster and `mlflow server` on 127.0.0.1 for the session, stopped at its end.
+
+    Skips (with the reason) where Debian's postgresql or psycopg is not installed.
+    """
+    from pipelines.local_stack import local_stack, missing_requirements
+
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    with local_stack() as stack:
+        yield stack
