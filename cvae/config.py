@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 ARCHITECTURES = ("mlp", "conv")  # extended by cvae.registry when more families register
 CONDITIONINGS = ("concat", "channel", "decoder", "none")
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic")
 ACTIVATIONS = ("relu", "silu", "elu", "leaky_relu", "tanh")
 CONV_DECODERS = ("transpose", "upsample")
 GAUSSIAN_VARIANCES = ("fixed", "learned")
 KL_ESTIMATORS = ("analytic", "monte_carlo")
+INITS = ("torch", "glorot_uniform")  # glorot_uniform: Keras' default (weights), with zero biases
 # exp of cvae.model.LOG_STD_RANGE: the model clamps its std to this range, so a std outside it
 # would train as another value while the run's params say otherwise.
 GAUSSIAN_STD_RANGE = (math.exp(-6.0), math.exp(2.0))
@@ -78,7 +79,15 @@ class ModelConfig:
     batch_norm: bool = False
     likelihood: str = "bernoulli"
     gaussian_variance: str = "fixed"
-    gaussian_std: float = 1.0  # the fixed std, or the initial one when learned
+    gaussian_std: float = 1.0  # gaussian and discretized_logistic: the pixel noise std (fixed, or initial when learned)
+    init: str = "torch"  # weight initialisation: PyTorch's defaults, or Keras' glorot_uniform
+    # BatchNorm layers, PyTorch convention: momentum weighs the new batch statistics (Keras'
+    # momentum 0.99 is 0.01 here; Keras' eps is 1e-3).
+    batch_norm_momentum: float = 0.1
+    batch_norm_eps: float = 1e-5
+    # Keras activity_regularizer=l2(c) on the encoder's first hidden layer: the gradient of
+    # c * sum(h^2) (batch mean) is added in training; logged losses stay nats and do not include it.
+    activity_l2: float = 0.0
 
     def __post_init__(self):
         from cvae.registry import architecture_names  # late: the registry imports this module
@@ -100,6 +109,11 @@ class ModelConfig:
         low, high = GAUSSIAN_STD_RANGE
         require(low <= self.gaussian_std <= high, "model.gaussian_std", self.gaussian_std,
                 f"a number in [{low:.4g}, {high:.4g}] (the std the model can represent)")
+        require_choice("model.init", self.init, INITS)
+        require(0 < self.batch_norm_momentum <= 1, "model.batch_norm_momentum", self.batch_norm_momentum,
+                "a number in (0, 1] (PyTorch convention: Keras momentum 0.99 is 0.01)")
+        require(self.batch_norm_eps > 0, "model.batch_norm_eps", self.batch_norm_eps, "a number > 0")
+        require(self.activity_l2 >= 0, "model.activity_l2", self.activity_l2, "a number >= 0")
 
     @property
     def conditional(self) -> bool:

@@ -31,6 +31,29 @@ def encoder_label_mode(conditioning: str) -> str | None:
     return conditioning if conditioning in ("concat", "channel") else None
 
 
+class _ActivityL2Gradient(torch.autograd.Function):
+    """Identity forward; backward adds the gradient of ``c * mean_n sum_j h_nj^2``.
+
+    That is Keras' ``activity_regularizer=l2(c)`` (whose loss Keras divides by the batch size) as
+    far as training is concerned, without adding a non-likelihood term to the logged nats.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, coefficient: float) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        ctx.coefficient = coefficient
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        return grad + (2.0 * ctx.coefficient / h.shape[0]) * h, None
+
+
+def add_activity_l2_gradient(h: torch.Tensor, coefficient: float) -> torch.Tensor:
+    return _ActivityL2Gradient.apply(h, coefficient)
+
+
 def mlp_stack(widths: list[int], activation: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for w_in, w_out in zip(widths[:-1], widths[1:]):
@@ -53,6 +76,7 @@ class MLPEncoder(nn.Module):
         self.body = mlp_stack([in_features, *hidden], activation)
         self.mu = nn.Linear(hidden[-1], latent_dim)
         self.logvar = nn.Linear(hidden[-1], latent_dim)
+        self.activity_l2 = 0.0  # set by CVAE from model.activity_l2: on the first hidden layer
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor | None):
         if self.label_mode == "channel":
@@ -60,7 +84,10 @@ class MLPEncoder(nn.Module):
         h = x.flatten(1)
         if self.label_mode == "concat":
             h = torch.cat([h, onehot.to(h.dtype)], dim=1)
-        h = self.body(h)
+        h = self.body[:2](h)  # the first hidden layer, after its activation
+        if self.activity_l2 and self.training and torch.is_grad_enabled():
+            h = add_activity_l2_gradient(h, self.activity_l2)
+        h = self.body[2:](h)
         return self.mu(h), self.logvar(h)
 
 

@@ -10,12 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvae.config import ModelConfig
+from cvae.config import ConfigError, ModelConfig
+from cvae.likelihood import LOGISTIC_SCALE_PER_STD, discretized_logistic_log_prob
 from cvae.registry import build_networks
 
 LOGVAR_RANGE = (-12.0, 8.0)  # keeps exp(logvar) finite and > 0 in float32 and under AMP
 LOG_STD_RANGE = (-6.0, 2.0)  # a learned Gaussian std must not collapse to 0 or explode
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+_LOG_LOGISTIC_SCALE_PER_STD = math.log(LOGISTIC_SCALE_PER_STD)
+SCALED_LIKELIHOODS = ("gaussian", "discretized_logistic")  # those with a pixel noise std
 
 
 class CVAEOutput(NamedTuple):
@@ -33,7 +36,13 @@ class CVAE(nn.Module):
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = int(num_classes)
         self.encoder, self.decoder = build_networks(config, self.image_shape, self.num_classes)
-        if config.likelihood == "gaussian":
+        if config.activity_l2 > 0:
+            if not hasattr(self.encoder, "activity_l2"):
+                raise ConfigError(f"model.activity_l2={config.activity_l2!r} is not valid with "
+                                  f"model.arch={config.arch!r}; expected 0 (only mlp supports it)")
+            self.encoder.activity_l2 = float(config.activity_l2)
+        _initialise(self, config)
+        if config.likelihood in SCALED_LIKELIHOODS:
             init = torch.tensor(math.log(config.gaussian_std), dtype=torch.float32)
             if config.gaussian_variance == "learned":
                 self.log_std = nn.Parameter(init)
@@ -108,18 +117,28 @@ class CVAE(nn.Module):
 
     # -- likelihood -------------------------------------------------------------------------
     def mean_image(self, decoded: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x|z) in [0, 1] for both likelihoods."""
+        """Mean of p(x|z) in [0, 1] (the location, for the discretized logistic, whose edge bins
+        move its mean slightly towards the middle)."""
         return torch.sigmoid(decoded)
 
     def clamped_log_std(self) -> torch.Tensor | None:
         return None if self.log_std is None else self.log_std.float().clamp(*LOG_STD_RANGE)
 
     def reconstruction_nll(self, decoded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """-log p(x|z) in nats per example, summed over pixels: (N,). Computed in float32."""
+        """-log p(x|z) in nats per example, summed over pixels: (N,). Computed in float32.
+
+        What the number is depends on the likelihood and the data (cvae.likelihood.likelihood_kind):
+        an exact negative log-probability for ``discretized_logistic`` (256 levels) and for
+        ``bernoulli`` on binary pixels, a cross-entropy for ``bernoulli`` on grayscale pixels, a
+        negative log-density for ``gaussian``.
+        """
         decoded, x = decoded.float(), x.float()
         if self.config.likelihood == "bernoulli":
             # Accepts x in [0, 1] (continuous Bernoulli-style targets), not only binary pixels.
             nll = F.binary_cross_entropy_with_logits(decoded, x, reduction="none")
+        elif self.config.likelihood == "discretized_logistic":
+            log_scale = self.clamped_log_std() + _LOG_LOGISTIC_SCALE_PER_STD
+            nll = -discretized_logistic_log_prob(x, torch.sigmoid(decoded), log_scale)
         else:
             log_std = self.clamped_log_std()
             mean = torch.sigmoid(decoded)
@@ -172,6 +191,27 @@ class CVAE(nn.Module):
         with self.inference():
             mu, _ = self.encode(x, labels)
             return self.mean_image(self.decode(mu, labels))
+
+
+_WEIGHTED_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+
+
+def _initialise(model: nn.Module, config: ModelConfig) -> None:
+    """Keras' initialisation and BatchNorm settings when the configuration asks for them."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum, module.eps = config.batch_norm_momentum, config.batch_norm_eps
+    if config.init != "glorot_uniform":
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, _WEIGHTED_LAYERS):
+                # A fused head (mean and log-variance in one layer) stands for several Keras Dense
+                # layers: each part gets its own Glorot limit.
+                for part in module.weight.chunk(getattr(module, "keras_parts", 1), dim=0):
+                    nn.init.xavier_uniform_(part)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
 
 def build(model_cfg: ModelConfig, image_shape: tuple[int, int, int] = (1, 28, 28),

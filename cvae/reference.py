@@ -100,6 +100,14 @@ def _conv_transpose_x2(in_ch: int, out_ch: int, activation: str) -> nn.Sequentia
                          make_activation(activation))
 
 
+def _two_dense_heads(features: int, latent_dim: int) -> nn.Linear:
+    """The notebook's two Dense heads (mean, log-variance) as one layer; ``keras_parts`` tells
+    Glorot initialisation (model.init=glorot_uniform) to treat the halves as two layers."""
+    head = nn.Linear(features, 2 * latent_dim)
+    head.keras_parts = 2
+    return head
+
+
 def build_conv_decoder_cond(cfg, image_shape, num_classes: int):
     """Preset ``conv-decoder-cond``: a conditional decoder and, in that notebook, an unconditioned
     encoder.
@@ -132,7 +140,7 @@ def build_conv_decoder_cond(cfg, image_shape, num_classes: int):
         _conv(64, 32), _conv(32, 16),
         _conv(16, channels, activation=None),
     )
-    return (ReferenceEncoder(encoder_body, nn.Linear(16, 2 * cfg.latent_dim), label_mode),
+    return (ReferenceEncoder(encoder_body, _two_dense_heads(16, cfg.latent_dim), label_mode),
             ReferenceDecoder(decoder_body, conditional))
 
 
@@ -170,7 +178,7 @@ def build_conv_label_channel(cfg, image_shape, num_classes: int):
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), make_activation(swish),
         _conv(16, channels, activation=None),
     )
-    return (ReferenceEncoder(encoder_body, nn.Linear(64, 2 * cfg.latent_dim), label_mode),
+    return (ReferenceEncoder(encoder_body, _two_dense_heads(64, cfg.latent_dim), label_mode),
             ReferenceDecoder(decoder_body, conditional))
 
 

@@ -49,6 +49,9 @@ class OptimConfig:
     epochs: int = 20
     patience: int = 5  # epochs without validation improvement before stopping; 0 disables
     grad_clip: float = 0.0  # max gradient norm; 0 disables
+    # Keep the best validation epoch's weights at the end (false: the last epoch's, as Keras'
+    # EarlyStopping does without restore_best_weights).
+    restore_best: bool = True
 
     def __post_init__(self):
         require_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
@@ -66,6 +69,7 @@ class ExecutionConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # bf16/fp16 autocast on CUDA only
     deterministic: str = "auto"  # auto: on for CPU, off for CUDA (speed); true | false
+    threads: int = 0  # CPU threads for torch; 0 = torch's default (all cores); workers get cores / workers
 
     def __post_init__(self):
         dev = self.device
@@ -75,6 +79,7 @@ class ExecutionConfig:
         require(0 <= self.seed <= MAX_SEED, "execution.seed", self.seed, f"an integer in 0..{MAX_SEED}")
         require_choice("execution.precision", self.precision, PRECISIONS)
         require_choice("execution.deterministic", self.deterministic, ("auto", "true", "false"))
+        require(self.threads >= 0, "execution.threads", self.threads, "an integer >= 0 (0 = all cores)")
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,34 @@
 """Evaluation of a trained CVAE on the held-out test set, in nats per example.
 
+What the numbers are depends on the likelihood and the data: the run's tag ``likelihood_kind``
+(``cvae.likelihood``) says exact-discrete, exact-binary, cross-entropy or continuous-density.
+
 - ``test/neg_elbo``, ``test/recon``, ``test/kl``: the negative ELBO and its two terms;
-- ``test/iwae_nll_k{K}``: the importance-weighted bound of -log p(x) with K samples per example;
+- ``test/iwae_nll_k{K}`` (exact kinds) or ``test/iwae_bound_k{K}`` (the others, whose numbers are
+  not negative log-probabilities of the data): the importance-weighted bound with K samples per
+  example; exact kinds also get ``..._bits_per_dim`` (nats / (D ln 2));
 - ``test/active_units`` (posterior-mean variance over the test set > 0.01) and ``test/kl_dim_{i}``;
+  the tag ``posterior_collapse`` (``posterior_collapse``: no active unit or KL < 0.1 nats);
 - conditional models: ``test/sample_accuracy`` (the auxiliary classifier's accuracy on samples
   conditioned on the test labels), ``test/sample_frechet_distance`` (samples vs real test images
   in the classifier's penultimate features) and ``classifier/test_accuracy``.
 
-Training runs log the cheap part (``log_training_evaluation``: ELBO terms come from training,
-IWAE with TRAINING_IWAE_K samples, active units, KL per dimension); ``evaluate_model`` does all.
+Training runs log the cheap part (``log_training_evaluation``: IWAE with TRAINING_IWAE_K samples,
+active units, KL per dimension, collapse, and the sample accuracy of one batch of samples);
+``evaluate_model`` does all.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
+import math
+
 import torch
 
 from cvae import CVAE, gaussian_kl
 from cvae.evaluation import active_units, iwae_nll, unit_activity
-from pipelines.classifier import DEFAULT_EPOCHS, get_classifier, judge_samples
+from cvae.likelihood import bits_per_dim, is_exact, likelihood_kind
+from pipelines.classifier import DEFAULT_EPOCHS, accuracy, get_classifier, judge_samples
 from pipelines.config import DataConfig, RunConfig, flatten
 from pipelines.data import Batcher, DatasetSplits, SplitData, as_unit_floats, load_splits
 from pipelines.execution import seed_everything
@@ -29,12 +39,49 @@ from pipelines.train import evaluate_split
 DEFAULT_IWAE_K = 1000
 # A few seconds for the default MLP on the 10k test images on two CPU cores (2-7 s measured on a busy machine).
 TRAINING_IWAE_K = 10
-IWAE_BATCH = 500  # test images per IWAE batch
+IWAE_BATCH = 250  # test images per IWAE batch: under the mmap limit, as train.EVAL_BATCH
 DEFAULT_IMAGES_PER_PASS = 10_000  # decoded images held at once: k is split into chunks to fit
 ACTIVE_UNIT_THRESHOLD = 0.01
 MAX_KL_DIM_METRICS = 32  # above this, KL per dimension only goes to the JSON artifact
 SAMPLE_BATCH = 1000
+SAMPLES_PER_CLASS_AT_TRAINING_END = 100  # one batch of 1000 samples for 10 classes
 UNITS_ARTIFACT = "evaluation/latent_units.json"
+# Posterior collapse: no latent dimension carries information about x. Either test is enough:
+# no active unit, or a total KL (nats per example) too small to encode anything useful.
+COLLAPSE_KL_NATS = 0.1
+COLLAPSE_TAG = "posterior_collapse"
+LIKELIHOOD_KIND_TAG = "likelihood_kind"
+BITS_PER_DIM_SUFFIX = "_bits_per_dim"
+
+
+def posterior_collapse(active: int, kl_nats: float) -> bool:
+    """The collapse rule: 0 active units, or a KL below COLLAPSE_KL_NATS nats per example."""
+    return active == 0 or kl_nats < COLLAPSE_KL_NATS
+
+
+def collapse_warning(active: int, kl_nats: float) -> str:
+    return (f"warning: posterior collapse: {active} active latent units, KL {kl_nats:.3g} nats per example "
+            f"(rule: 0 active units or KL < {COLLAPSE_KL_NATS} nats); the decoder ignores z")
+
+
+def run_likelihood_kind(config: RunConfig) -> str:
+    return likelihood_kind(config.model.likelihood, config.data.binarize)
+
+
+def iwae_metric(kind: str, k: int) -> str:
+    """``test/iwae_nll_k{K}`` where the likelihood is exact, ``test/iwae_bound_k{K}`` otherwise."""
+    return f"test/iwae_nll_k{k}" if is_exact(kind) else f"test/iwae_bound_k{k}"
+
+
+def with_bits_per_dim(metrics: dict[str, float], kind: str, image_shape) -> dict[str, float]:
+    """``metrics`` plus ``NAME_bits_per_dim`` for each negative ELBO / IWAE NLL, for exact kinds only
+    (bits per dimension of a cross-entropy or of a density would invite false comparisons)."""
+    if not is_exact(kind):
+        return dict(metrics)
+    dims = math.prod(image_shape)
+    extra = {f"{name}{BITS_PER_DIM_SUFFIX}": bits_per_dim(value, dims) for name, value in metrics.items()
+             if not name.endswith(BITS_PER_DIM_SUFFIX) and (name.endswith("/neg_elbo") or "/iwae_nll_k" in name)}
+    return {**metrics, **extra}
 
 
 @torch.no_grad()
@@ -63,19 +110,35 @@ def iwae_estimate(model: CVAE, split: SplitData, batcher: Batcher, k: int, seed:
 
 
 def likelihood_metrics(model: CVAE, split: SplitData, batcher: Batcher, k: int, seed: int,
-                       images_per_pass: int = DEFAULT_IMAGES_PER_PASS) -> tuple[dict[str, float], dict]:
-    """(metrics, details): the IWAE bound, active units and KL per dimension; details holds the
-    per-dimension lists for the JSON artifact."""
+                       images_per_pass: int = DEFAULT_IMAGES_PER_PASS,
+                       kind: str | None = None) -> tuple[dict[str, float], dict]:
+    """(metrics, details): the IWAE bound (named by ``kind``; exact kinds with bits per dimension),
+    active units and KL per dimension; details holds the per-dimension lists for the JSON artifact,
+    the likelihood kind and the collapse verdict."""
+    kind = kind or likelihood_kind(model.config.likelihood, batcher.binarize)
     means, kl_per_dim = latent_statistics(model, split, batcher)
     activity = unit_activity(means)
-    metrics = {f"test/iwae_nll_k{k}": iwae_estimate(model, split, batcher, k, seed, images_per_pass),
-               "test/active_units": float(active_units(means, ACTIVE_UNIT_THRESHOLD))}
+    iwae = iwae_estimate(model, split, batcher, k, seed, images_per_pass)
+    metrics = with_bits_per_dim({iwae_metric(kind, k): iwae}, kind, model.image_shape)
+    metrics["test/active_units"] = float(active_units(means, ACTIVE_UNIT_THRESHOLD))
     if len(kl_per_dim) <= MAX_KL_DIM_METRICS:
         metrics.update({f"test/kl_dim_{i}": float(v) for i, v in enumerate(kl_per_dim.tolist())})
+    kl = float(kl_per_dim.sum())
     details = {"active_threshold": ACTIVE_UNIT_THRESHOLD, "active_units": int(metrics["test/active_units"]),
-               "kl_per_dim": kl_per_dim.tolist(), "posterior_mean_variance": activity.tolist(),
-               "iwae_k": k, "test_examples": len(split)}
+               "kl": kl, "kl_per_dim": kl_per_dim.tolist(), "posterior_mean_variance": activity.tolist(),
+               "iwae_k": k, "test_examples": len(split), "likelihood_kind": kind,
+               "posterior_collapse": posterior_collapse(int(metrics["test/active_units"]), kl)}
     return metrics, details
+
+
+def report_collapse(logger: RunLogger | None, details: dict) -> bool:
+    """Tag the run ``posterior_collapse=true|false`` and print a one-line warning when collapsed."""
+    collapsed = bool(details["posterior_collapse"])
+    if logger:
+        logger.set_tags({COLLAPSE_TAG: str(collapsed).lower()})
+    if collapsed:
+        print(collapse_warning(details["active_units"], details["kl"]), flush=True)
+    return collapsed
 
 
 @torch.no_grad()
@@ -114,9 +177,11 @@ def evaluate_model(resolved: ResolvedModel, device: torch.device, logger: RunLog
     model = load_cvae(resolved, device)
     splits = load_splits(data, device)
     batcher = Batcher(data.binarize, seed, device)
+    kind = run_likelihood_kind(config)
     elbo = evaluate_split(model, splits.test, batcher, config, device)
-    metrics = {"test/neg_elbo": elbo["neg_elbo"], "test/recon": elbo["recon"], "test/kl": elbo["kl"]}
-    likelihood, details = likelihood_metrics(model, splits.test, batcher, k, seed, images_per_pass)
+    metrics = with_bits_per_dim({"test/neg_elbo": elbo["neg_elbo"], "test/recon": elbo["recon"],
+                                 "test/kl": elbo["kl"]}, kind, model.image_shape)
+    likelihood, details = likelihood_metrics(model, splits.test, batcher, k, seed, images_per_pass, kind)
     metrics.update(likelihood)
     if model.conditional:
         metrics.update(sample_quality_metrics(model, splits, data, device, seed, classifier_train_size,
@@ -129,18 +194,41 @@ def evaluate_model(resolved: ResolvedModel, device: torch.device, logger: RunLog
         logger.set_tags({"evaluated_model_uri": resolved.model_uri,
                          "evaluated_model_id": resolved.model_id or "",
                          "source_run_id": resolved.source_run_id or "", "dataset": data.dataset,
-                         **({"preset": config.preset} if config.preset else {})})
+                         LIKELIHOOD_KIND_TAG: kind, **({"preset": config.preset} if config.preset else {})})
         logger.log_metrics(metrics, step=0)
         logger.log_dict(details, UNITS_ARTIFACT)
+    report_collapse(logger, details)
     return metrics
 
 
+def training_sample_accuracy(model: CVAE, splits: DatasetSplits, data: DataConfig, logger: RunLogger,
+                             seed: int) -> dict[str, float]:
+    """Classifier-judged accuracy of one batch of conditional samples (SAMPLES_PER_CLASS_AT_TRAINING_END
+    per class). The judge is the cached classifier trained on as many training images as the run
+    (data.limit_train), so a quick run pays for a quick classifier only."""
+    device = next(model.parameters()).device
+    classifier = get_classifier(data, device, data.limit_train, DEFAULT_EPOCHS, client=logger.client)
+    labels = torch.arange(splits.num_classes, device=device).repeat(SAMPLES_PER_CLASS_AT_TRAINING_END)
+    samples = conditional_samples(model, labels, seed)
+    return {"test/sample_accuracy": accuracy(classifier.net, samples, labels),
+            "classifier/test_accuracy": classifier.test_accuracy}
+
+
 def log_training_evaluation(logger: RunLogger, model: CVAE, splits: DatasetSplits, batcher: Batcher,
-                            config: RunConfig, step: int) -> dict[str, float]:
-    """The cheap part, at the end of training, so the UI can sort runs by it."""
-    metrics, details = likelihood_metrics(model, splits.test, batcher, TRAINING_IWAE_K, config.execution.seed)
+                            config: RunConfig, step: int,
+                            images_per_pass: int = DEFAULT_IMAGES_PER_PASS,
+                            sample_accuracy: bool = True) -> dict[str, float]:
+    """The cheap part, at the end of training, so the UI can sort runs by it; tags the likelihood
+    kind and posterior collapse (with a one-line warning)."""
+    kind = run_likelihood_kind(config)
+    metrics, details = likelihood_metrics(model, splits.test, batcher, TRAINING_IWAE_K, config.execution.seed,
+                                          images_per_pass, kind)
+    if sample_accuracy and model.conditional:
+        metrics.update(training_sample_accuracy(model, splits, config.data, logger, config.execution.seed))
     logger.log_metrics(metrics, step=step)
     logger.log_dict(details, UNITS_ARTIFACT)
+    logger.set_tags({LIKELIHOOD_KIND_TAG: kind})
+    report_collapse(logger, details)
     return metrics
 
 

@@ -16,6 +16,7 @@ from cvae import CVAE
 from pipelines import figures
 from pipelines.data import STATIC_BINARIZATION_THRESHOLD as BINARIZATION_THRESHOLD
 from pipelines.data import Batcher, DatasetSplits, as_unit_floats
+from pipelines.presets import notebook_of
 
 Builders = dict[str, Callable[[], plt.Figure]]
 
@@ -125,7 +126,8 @@ PRESET_FIGURES: dict[str, tuple[FigureSet, ...]] = {
 
 
 def preset_figure_builders(preset: str, model: CVAE, splits: DatasetSplits, batcher: Batcher) -> Builders:
+    """The figures of ``preset``'s notebook (a ``NAME-fixed`` preset draws NAME's)."""
     builders: Builders = {}
-    for figure_set in PRESET_FIGURES.get(preset, ()):
+    for figure_set in PRESET_FIGURES.get(notebook_of(preset), ()):
         builders.update(figure_set(model, splits, batcher))
     return builders

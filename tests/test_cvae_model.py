@@ -245,7 +245,7 @@ def _fashion_mnist(n=512) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch,likelihood", list(itertools.product(
-    ["mlp", "conv"], ["bernoulli", "gaussian"])))
+    ["mlp", "conv"], ["bernoulli", "gaussian", "discretized_logistic"])))
 def test_training_is_numerically_stable(arch, likelihood):
     images = _fashion_mnist()
     labels = torch.arange(images.shape[0]) % 10  # any labels will do for stability
@@ -268,3 +268,84 @@ def test_training_is_numerically_stable(arch, likelihood):
     assert all(np.isfinite(losses)), losses
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < losses[0]
+
+
+# --- Keras details the reference presets need -------------------------------------------------
+
+def test_glorot_uniform_init_keeps_each_layer_within_its_limit_with_zero_biases():
+    model = _model(arch="ref-conv-label-channel", conditioning="channel", init="glorot_uniform")
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert layers
+    for layer in layers:
+        parts = layer.weight.chunk(getattr(layer, "keras_parts", 1), dim=0)
+        for part in parts:
+            fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(part)
+            limit = (6.0 / (fan_in + fan_out)) ** 0.5
+            assert part.abs().max() <= limit
+            assert part.abs().max() > 0.8 * limit  # uniform over the whole range, not a smaller default
+        assert layer.bias is None or torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    # PyTorch's default leaves non-zero biases: the option really changes the initialisation.
+    default = _model(arch="ref-conv-label-channel", conditioning="channel")
+    assert any(m.bias is not None and m.bias.abs().sum() > 0 for m in default.modules()
+               if isinstance(m, torch.nn.Linear))
+
+
+def test_batch_norm_momentum_and_eps_reach_every_batch_norm_layer():
+    model = _model(arch="ref-conv-label-channel", conditioning="channel", batch_norm_momentum=0.01,
+                   batch_norm_eps=1e-3)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 2 and all(m.momentum == 0.01 and m.eps == 1e-3 for m in norms)
+    # Keras momentum 0.99: the running mean moves 1% of the way to a batch's mean.
+    norm = norms[0]
+    norm.train()
+    norm(torch.full((4, 16, 3, 3), 5.0))
+    torch.testing.assert_close(norm.running_mean, torch.full((16,), 0.05))
+
+
+def test_activity_l2_adds_the_gradient_of_the_keras_penalty_and_nothing_to_the_loss():
+    x, y = _batch(n=6)
+    plain = _model(arch="mlp", hidden=(12, 8), latent_dim=2)
+    penalised = _model(arch="mlp", hidden=(12, 8), latent_dim=2, activity_l2=0.01)
+    penalised.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(3)
+    out = penalised(x, y, generator=g)
+    loss = cvae.negative_elbo(penalised.reconstruction_nll(out.decoded, x), out.mu, out.logvar, out.z, 1.0).loss
+    loss.backward()
+
+    # Reference: the same loss plus 0.01 * mean over the batch of sum_j h_j^2 on the first hidden layer.
+    hidden = []
+    handle = plain.encoder.body[1].register_forward_hook(lambda module, args, output: hidden.append(output))
+    out_ref = plain(x, y, generator=torch.Generator().manual_seed(3))
+    handle.remove()
+    loss_ref = cvae.negative_elbo(plain.reconstruction_nll(out_ref.decoded, x), out_ref.mu, out_ref.logvar,
+                                  out_ref.z, 1.0).loss
+    torch.testing.assert_close(loss, loss_ref)  # the logged value is the ELBO alone
+    (loss_ref + 0.01 * hidden[0].pow(2).sum(1).mean()).backward()
+    for (name, p), p_ref in zip(penalised.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+    assert penalised.encoder.body[0].weight.grad.sub(
+        _grad_without_penalty(plain, x, y)).abs().max() > 0  # the penalty changed something
+
+
+def _grad_without_penalty(model, x, y):
+    model.zero_grad()
+    out = model(x, y, generator=torch.Generator().manual_seed(3))
+    cvae.negative_elbo(model.reconstruction_nll(out.decoded, x), out.mu, out.logvar, out.z, 1.0).loss.backward()
+    return model.encoder.body[0].weight.grad.clone()
+
+
+def test_activity_l2_is_refused_where_the_architecture_has_no_first_hidden_layer_hook():
+    with pytest.raises(ConfigError, match="model.activity_l2=0.01 is not valid with model.arch='conv'"):
+        _model(arch="conv", activity_l2=0.01)
+
+
+@pytest.mark.parametrize("field,kwargs", [
+    ("model.init", dict(init="he")),
+    ("model.batch_norm_momentum", dict(batch_norm_momentum=0.0)),
+    ("model.batch_norm_momentum", dict(batch_norm_momentum=1.5)),
+    ("model.batch_norm_eps", dict(batch_norm_eps=0.0)),
+    ("model.activity_l2", dict(activity_l2=-0.1)),
+])
+def test_new_model_fields_are_validated(field, kwargs):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**kwargs)

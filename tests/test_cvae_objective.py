@@ -166,3 +166,69 @@ def test_objective_config_errors_name_fields():
         ObjectiveConfig(kl_estimator="iwae")
     with pytest.raises(cvae.ConfigError, match="objective.free_bits"):
         ObjectiveConfig(free_bits=-1.0)
+
+
+# --- the discretized logistic over 8-bit levels, and what each likelihood's numbers are --------
+
+from cvae.likelihood import (CONTINUOUS_DENSITY, CROSS_ENTROPY, EXACT_BINARY, EXACT_DISCRETE, PIXEL_LEVELS,
+                             bits_per_dim, discretized_logistic_log_prob, is_exact, likelihood_kind)
+
+ALL_LEVELS = torch.arange(PIXEL_LEVELS, dtype=torch.float32) / (PIXEL_LEVELS - 1)
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e-3, 0.2, 0.5, 127.5 / 255, 0.999, 1.0])
+@pytest.mark.parametrize("log_scale", [-9.0, -6.0, -3.0, -1.0, 0.0, 2.0])
+def test_discretized_logistic_probabilities_of_all_256_levels_sum_to_one(mean, log_scale):
+    log_p = discretized_logistic_log_prob(ALL_LEVELS, torch.full_like(ALL_LEVELS, mean),
+                                          torch.full_like(ALL_LEVELS, log_scale))
+    assert torch.isfinite(log_p).all() and (log_p <= 1e-6).all()
+    assert torch.logsumexp(log_p.double(), 0).exp().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_discretized_logistic_matches_its_cdf_and_extends_the_edge_bins_to_infinity():
+    mean, scale = 0.3, 0.05
+    cdf = lambda v: torch.sigmoid((torch.as_tensor(v, dtype=torch.float64) - mean) / scale)  # noqa: E731
+    half = 0.5 / 255
+    log_p = discretized_logistic_log_prob(ALL_LEVELS, torch.full_like(ALL_LEVELS, mean),
+                                          torch.full_like(ALL_LEVELS, math.log(scale))).double()
+    expected = torch.stack([cdf(half)] + [cdf(k / 255 + half) - cdf(k / 255 - half) for k in range(1, 255)]
+                           + [1 - cdf(1 - half)])
+    torch.testing.assert_close(log_p.exp(), expected, rtol=1e-4, atol=1e-9)
+    # A pixel off the grid is scored as its nearest level.
+    off_grid = discretized_logistic_log_prob(torch.tensor([77.4 / 255]), torch.tensor([mean]),
+                                             torch.tensor([math.log(scale)]))
+    torch.testing.assert_close(off_grid, log_p[77:78].float())
+
+
+def test_discretized_logistic_model_nll_is_the_summed_negative_log_probability():
+    model = _model(likelihood="discretized_logistic", gaussian_variance="learned", gaussian_std=0.2)
+    x = torch.tensor([[[[0.0, 1.0, 128 / 255], [3 / 255, 250 / 255, 0.5]]]]).expand(2, 1, 2, 3)
+    nll = model.reconstruction_nll(LOGITS, x)
+    scale = 0.2 * math.sqrt(3) / math.pi  # a logistic with std sigma has scale sigma * sqrt(3) / pi
+    per_pixel = -discretized_logistic_log_prob(x, torch.sigmoid(LOGITS), torch.full_like(x, math.log(scale)))
+    torch.testing.assert_close(nll, per_pixel.sum(dim=(1, 2, 3)))
+    assert (nll > 0).all()  # probabilities: never a negative NLL, unlike a density
+    nll.sum().backward()
+    assert model.log_std.grad is not None and model.log_std.grad.abs() > 0
+
+
+def test_nats_to_bits_per_dimension():
+    assert bits_per_dim(784 * math.log(2), 784) == pytest.approx(1.0)
+    assert bits_per_dim(0.0, 784) == 0.0
+    # A uniform distribution over 256 levels: 8 bits per dimension whatever the image size.
+    assert bits_per_dim(3 * 32 * 32 * math.log(256), 3 * 32 * 32) == pytest.approx(8.0)
+    assert bits_per_dim(86.0, 784) == pytest.approx(86.0 / (784 * math.log(2)))
+
+
+@pytest.mark.parametrize("likelihood,binarize,kind", [
+    ("discretized_logistic", "none", EXACT_DISCRETE),
+    ("discretized_logistic", "static", EXACT_DISCRETE),
+    ("bernoulli", "static", EXACT_BINARY),
+    ("bernoulli", "dynamic", EXACT_BINARY),
+    ("bernoulli", "none", CROSS_ENTROPY),
+    ("gaussian", "none", CONTINUOUS_DENSITY),
+    ("gaussian", "dynamic", CONTINUOUS_DENSITY),
+])
+def test_likelihood_kind_says_what_the_numbers_are(likelihood, binarize, kind):
+    assert likelihood_kind(likelihood, binarize) == kind
+    assert is_exact(kind) == (kind in (EXACT_DISCRETE, EXACT_BINARY))

@@ -14,6 +14,7 @@ import cvae
 from cvae import ConfigError, ModelConfig
 from pipelines.config import flatten, from_params, with_overrides
 from pipelines.preset_figures import preset_figure_builders
+from cvae.likelihood import likelihood_kind
 from pipelines.presets import preset_config
 from conftest import TINY_PARAMS, assert_no_running
 
@@ -64,6 +65,12 @@ EXPECTED_PARAMETERS = {
     ]),
 }
 REFERENCE_PRESETS = tuple(EXPECTED_PARAMETERS)
+FIXED = {"conv-decoder-cond-fixed": "conv-decoder-cond", "mlp-concat-fixed": "mlp-concat",
+         "conv-label-channel-fixed": "conv-label-channel"}
+# A -fixed sibling has its notebook's layers; conv-label-channel-fixed learns one more number,
+# the noise scale of its discretized logistic.
+EXPECTED_PARAMETERS.update({fixed: EXPECTED_PARAMETERS[notebook] + (fixed == "conv-label-channel-fixed")
+                            for fixed, notebook in FIXED.items()})
 
 GENERIC_FIGURES = {"loss_curves.png", "latent_scatter_test.png", "reconstructions.png"}
 # The figures each notebook drew, as the run must log them (on top of GENERIC_FIGURES).
@@ -77,7 +84,7 @@ PRESET_FIGURES = {
 }
 
 
-@pytest.mark.parametrize("name", REFERENCE_PRESETS)
+@pytest.mark.parametrize("name", tuple(EXPECTED_PARAMETERS))
 def test_preset_model_matches_the_described_architecture(name):
     model = cvae.build(preset_config(name).model, (1, 28, 28), 10)
     assert sum(p.numel() for p in model.parameters()) == EXPECTED_PARAMETERS[name]
@@ -91,10 +98,12 @@ def test_preset_model_matches_the_described_architecture(name):
 
 
 # Training setup of each notebook: (likelihood, conditioning, latent, kl weight, lr, batch, epochs, patience).
+# The KL weights are those of the summed objective: 000 averages its BCE over the 784 pixels while
+# summing the KL (784 x 1), 002 averages its squared error ('mse') and adds 1e-4 x KL (784 x 1e-4).
 SETTINGS = {
-    "conv-decoder-cond": ("bernoulli", "decoder", 2, 1.0, 1e-3, 500, 15, 5),
+    "conv-decoder-cond": ("bernoulli", "decoder", 2, 784.0, 1e-3, 500, 15, 5),
     "mlp-concat": ("bernoulli", "concat", 2, 1.0, 5e-4, 250, 100, 5),
-    "conv-label-channel": ("gaussian", "channel", 16, 1e-4, 5e-4, 128, 30, 0),
+    "conv-label-channel": ("gaussian", "channel", 16, pytest.approx(0.0784), 5e-4, 128, 30, 0),
     "mlp-vae": ("gaussian", "none", 2, 1.0, 1e-3, 16, 25, 0),
     "conv-vae": ("bernoulli", "none", 50, 1.0, 1e-4, 100, 100, 0),
 }
@@ -113,6 +122,31 @@ def test_preset_training_setup(name):
     assert config.data.binarize == ("static" if name == "conv-vae" else "none")
     assert config.objective.kl_estimator == ("monte_carlo" if name == "conv-vae" else "analytic")
     assert from_params(flatten(config)) == config  # a run's params rebuild the preset exactly
+    # Keras' defaults, as every notebook trained: Glorot-uniform init, BatchNorm momentum 0.99 and
+    # eps 1e-3, and the last epoch's weights (EarlyStopping without restore_best_weights, or none).
+    assert (m.init, m.batch_norm_momentum, m.batch_norm_eps, o.restore_best) == ("glorot_uniform", 0.01, 1e-3, False)
+    assert m.activity_l2 == (0.01 if name == "mlp-concat" else 0.0)  # activity_regularizer='l2'
+
+
+# What each -fixed sibling changes, and nothing else.
+FIXES = {
+    "conv-decoder-cond-fixed": {"objective.kl_weight": "1.0", "data.binarize": "dynamic",
+                                "optim.restore_best": "True"},
+    "mlp-concat-fixed": {"model.activity_l2": "0.0", "data.binarize": "dynamic", "optim.restore_best": "True"},
+    "conv-label-channel-fixed": {"objective.kl_weight": "1.0", "model.likelihood": "discretized_logistic",
+                                 "model.gaussian_variance": "learned", "model.gaussian_std": "0.1",
+                                 "optim.restore_best": "True"},
+}
+
+
+@pytest.mark.parametrize("fixed", tuple(FIXED))
+def test_fixed_sibling_changes_only_the_notebooks_mistakes(fixed):
+    faithful, repaired = flatten(preset_config(FIXED[fixed])), flatten(preset_config(fixed))
+    changed = {key: value for key, value in repaired.items() if faithful[key] != value and key != "config.preset"}
+    assert changed == FIXES[fixed]
+    config = preset_config(fixed)
+    assert likelihood_kind(config.model.likelihood, config.data.binarize) in ("exact-binary", "exact-discrete")
+    assert from_params(flatten(config)) == config
 
 
 def test_summed_squared_error_is_the_gaussian_nll_up_to_a_constant():
@@ -139,7 +173,7 @@ def _tiny_splits():
                          split("val", 10), split("test", 10), {}, "")
 
 
-@pytest.mark.parametrize("name", REFERENCE_PRESETS)
+@pytest.mark.parametrize("name", REFERENCE_PRESETS + tuple(FIXED))
 def test_preset_figures_are_drawn_and_drop_out_when_overridden_away(name):
     from pipelines.data import Batcher
 
@@ -147,7 +181,7 @@ def test_preset_figures_are_drawn_and_drop_out_when_overridden_away(name):
     splits, batcher = _tiny_splits(), Batcher(config.data.binarize, 0, torch.device("cpu"))
     model = cvae.build(config.model).eval()
     builders = preset_figure_builders(name, model, splits, batcher)
-    assert {Path(p).name for p in builders} == PRESET_FIGURES[name]
+    assert {Path(p).name for p in builders} == PRESET_FIGURES[FIXED.get(name, name)]
     with torch.no_grad():
         for draw in builders.values():
             figure = draw()
@@ -181,4 +215,31 @@ def test_preset_trains_through_mlflow_and_logs_its_figures(store, name):
         with Image.open(artifact_root / path) as image:
             image.verify()
             assert image.format == "PNG"
+    assert_no_running(store)
+
+
+@pytest.mark.slow
+def test_the_faithful_conv_decoder_cond_collapses_and_its_fixed_sibling_does_not(store):
+    # Briefly: 1000 images, 3 epochs of 20 steps (batch 50 instead of 500, so that the fixed model
+    # gets enough steps to use its latent); the KL weights are the presets' (784 and 1).
+    brief = {**TINY_PARAMS, "limit_test": "200", "epochs": "3", "batch_size": "50"}
+    outputs = {}
+    for name in ("conv-decoder-cond", "conv-decoder-cond-fixed"):
+        result = store.mlflow_run("train", {"preset": name, **brief})
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = result.stdout + result.stderr
+    runs = {run.data.params["config.preset"]: run for run in store.runs()}
+    faithful, fixed = runs["conv-decoder-cond"], runs["conv-decoder-cond-fixed"]
+    assert faithful.data.tags["posterior_collapse"] == "true"
+    assert faithful.data.metrics["test/active_units"] == 0 or faithful.data.metrics["test/kl"] < 0.1
+    assert "warning: posterior collapse" in outputs["conv-decoder-cond"]
+    assert fixed.data.tags["posterior_collapse"] == "false"
+    assert fixed.data.metrics["test/active_units"] >= 1 and fixed.data.metrics["test/kl"] >= 0.1
+    assert "posterior collapse" not in outputs["conv-decoder-cond-fixed"]
+    # What the numbers are: a cross-entropy for the faithful run, an exact binary NLL for the fixed one.
+    assert faithful.data.tags["likelihood_kind"] == "cross-entropy"
+    assert "test/iwae_bound_k10" in faithful.data.metrics and "test/iwae_nll_k10" not in faithful.data.metrics
+    assert fixed.data.tags["likelihood_kind"] == "exact-binary"
+    assert fixed.data.metrics["test/iwae_nll_k10_bits_per_dim"] == pytest.approx(
+        fixed.data.metrics["test/iwae_nll_k10"] / (784 * math.log(2)))
     assert_no_running(store)

@@ -8,7 +8,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from cvae.config import ConfigError
 from pipelines.config import RunConfig, with_overrides
 from pipelines.presets import PRESETS, preset_config, preset_names
+from cvae.likelihood import likelihood_kind
 from search_spaces import resolve_space, space_names
+from search_spaces.architectures import comparable_presets
 
 BASE = with_overrides(RunConfig(), {"data.dataset": "fashion-mnist", "data.limit_train": 1000,
                                     "optim.epochs": 3, "execution.device": "cpu"})
@@ -52,17 +54,51 @@ def test_default_space_has_the_documented_ranges_and_valid_configs():
     assert distributions["arch"] == CategoricalDistribution(["mlp", "conv"])
 
 
-def test_architectures_space_uses_the_presets_model_and_keeps_the_base_training():
+LIKELIHOOD_KEYS = ("likelihood", "gaussian_variance", "gaussian_std")
+
+
+def _without_likelihood(model):
+    return {k: v for k, v in vars(model).items() if k not in LIKELIHOOD_KEYS}
+
+
+def test_architectures_space_uses_the_presets_model_and_keeps_the_base_training_and_likelihood():
     seen = set()
     for trial, config in sampled_configs("architectures", 40):
         name = trial.params["preset"]
         seen.add(name)
         preset = preset_config(name)
         assert config.preset == name
-        assert config.model == preset.model and config.objective == preset.objective
+        assert _without_likelihood(config.model) == _without_likelihood(preset.model)
+        assert config.objective == preset.objective
         assert (config.data, config.optim, config.execution) == (BASE.data, BASE.optim, BASE.execution)
-    assert trial.distributions["preset"] == CategoricalDistribution(list(preset_names()))
+    assert trial.distributions["preset"] == CategoricalDistribution(comparable_presets(BASE))
     assert len(seen) > 1
+
+
+@pytest.mark.parametrize("study", [
+    {"model.likelihood": "bernoulli", "data.binarize": "dynamic"},
+    {"model.likelihood": "discretized_logistic", "model.gaussian_variance": "learned", "model.gaussian_std": 0.1},
+    {"model.likelihood": "gaussian", "model.conditioning": "none"},
+])
+def test_a_mixed_likelihood_architectures_study_compares_one_quantity(study):
+    # The presets mix Bernoulli, Gaussian and discretized likelihoods, and conditional with
+    # unconditional models: trials ranked on one number must share the likelihood and conditioning.
+    base = with_overrides(BASE, study)
+    own_likelihoods = {preset_config(name).model.likelihood for name in preset_names()}
+    assert len(own_likelihoods) >= 3
+    kinds, conditional, presets = set(), set(), set()
+    for trial, config in sampled_configs("architectures", 40, base):
+        presets.add(trial.params["preset"])
+        kinds.add(likelihood_kind(config.model.likelihood, config.data.binarize))
+        conditional.add(config.model.conditional)
+        assert tuple(getattr(config.model, k) for k in LIKELIHOOD_KEYS) == tuple(
+            getattr(base.model, k) for k in LIKELIHOOD_KEYS)
+    assert kinds == {likelihood_kind(base.model.likelihood, base.data.binarize)}
+    assert conditional == {base.model.conditional}
+    assert len(presets) > 1
+    # Every preset of the study's conditioning is offered, the others never.
+    assert set(comparable_presets(base)) == {n for n in preset_names()
+                                             if preset_config(n).model.conditional == base.model.conditional}
 
 
 def test_architectures_space_reads_the_preset_names_at_call_time(monkeypatch):
