@@ -78,10 +78,21 @@ def negative_elbo(recon_nll: torch.Tensor, mu: torch.Tensor, logvar: torch.Tenso
             raise ValueError("kl_estimator='monte_carlo' needs the sampled z")
         kl_used = monte_carlo_kl(z, mu, logvar).mean()
     elif free_bits > 0:
-        kl_used = torch.clamp(kl_per_dim, min=free_bits).sum()
+        kl_used = free_bits_kl(kl_per_dim, free_bits)
     else:
         kl_used = kl
     return LossTerms(loss=recon + kl_weight * kl_used, recon=recon, kl=kl, kl_per_dim=kl_per_dim)
+
+
+def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """sum over dims of max(free_bits, KL_d), where KL_d is the mean KL of dimension d over the
+    examples the number is for.
+
+    The clamp is not linear: the mean of per-batch clamped values depends on how a split is cut
+    into batches. A validation or test loss must therefore clamp the split's per-dimension mean
+    (accumulated over batches), not average the batches' losses.
+    """
+    return torch.clamp(kl_per_dim, min=free_bits).sum()
 
 
 def kl_weight_at(objective: ObjectiveConfig, epochs_done: float) -> float:

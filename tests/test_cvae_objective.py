@@ -8,7 +8,7 @@ import torch
 
 import cvae
 from cvae import ModelConfig, ObjectiveConfig, gaussian_kl, kl_weight_at, negative_elbo
-from cvae.objective import monte_carlo_kl
+from cvae.objective import free_bits_kl, monte_carlo_kl
 
 
 def _model(**kw) -> cvae.CVAE:
@@ -232,3 +232,22 @@ def test_nats_to_bits_per_dimension():
 def test_likelihood_kind_says_what_the_numbers_are(likelihood, binarize, kind):
     assert likelihood_kind(likelihood, binarize) == kind
     assert is_exact(kind) == (kind in (EXACT_DISCRETE, EXACT_BINARY))
+
+
+def test_free_bits_loss_of_a_split_does_not_depend_on_how_it_is_batched():
+    g = torch.Generator().manual_seed(0)
+    # Dimension 1 carries KL in half of the examples only: per-batch means straddle the threshold.
+    mu = torch.cat([torch.randn(50, 2, generator=g) * torch.tensor([2.0, 1.0]),
+                    torch.randn(50, 2, generator=g) * torch.tensor([2.0, 0.01])])
+    logvar = torch.zeros_like(mu)
+    split_kl = gaussian_kl(mu, logvar).mean(0)
+    whole = free_bits_kl(split_kl, 0.3)
+    for batch in (10, 25, 100):
+        per_dim = sum(gaussian_kl(mu[s: s + batch], logvar[s: s + batch]).sum(0) for s in range(0, 100, batch)) / 100
+        assert free_bits_kl(per_dim, 0.3).item() == pytest.approx(whole.item(), rel=1e-6)
+    # Averaging the per-batch clamped losses instead would make the number depend on the batch size.
+    averaged = {batch: sum(negative_elbo(torch.zeros(batch), mu[s: s + batch], logvar[s: s + batch], None, 1.0,
+                                         free_bits=0.3).loss.item() * batch for s in range(0, 100, batch)) / 100
+                for batch in (10, 100)}
+    assert averaged[10] != pytest.approx(averaged[100], rel=1e-3)
+    assert averaged[100] == pytest.approx(whole.item(), rel=1e-6)

@@ -3,6 +3,7 @@ and the CLI, the three model_uri forms, and the cached auxiliary classifier."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -14,7 +15,8 @@ from pipelines.classifier import (CLASSIFIER_EXPERIMENT, cache_key, get_classifi
 from pipelines.config import DataConfig
 from pipelines.data import as_unit_floats, load_splits
 from pipelines.entrypoints.common import UserError
-from pipelines.evaluate import TRAINING_IWAE_K, UNITS_ARTIFACT, evaluate_model
+from pipelines.evaluate import (TRAINING_IWAE_K, UNITS_ARTIFACT, collapse_warning, evaluate_model, iwae_metric,
+                                posterior_collapse, with_bits_per_dim)
 from pipelines.model_resolution import resolve_model
 from conftest import SHARED_RUN_LATENT_DIM, Store, assert_no_running
 
@@ -52,10 +54,13 @@ def register_with_alias(client, run) -> None:
     client.set_registered_model_alias(REGISTERED, "champion", version.version)
 
 
-def classifier_runs(store: Store):
+def classifier_runs(store: Store, train_size: str = CLASSIFIER["classifier_train_size"]):
+    """The classifier runs trained on ``train_size`` images (the training run's end-of-run sample
+    accuracy has its own, trained on as many images as that run)."""
     client = store.client
     experiment = client.get_experiment_by_name(CLASSIFIER_EXPERIMENT)
-    return client.search_runs([experiment.experiment_id]) if experiment else []
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return [run for run in runs if run.data.tags.get("train_size") == train_size]
 
 
 def evaluation_runs(store: Store):
@@ -67,8 +72,16 @@ def evaluation_runs(store: Store):
 @pytest.mark.slow
 def test_training_run_logs_iwae_active_units_and_kl_per_dimension(conditional_run):
     metrics, tags = conditional_run.run.data.metrics, conditional_run.run.data.tags
-    iwae = metrics[f"test/iwae_nll_k{TRAINING_IWAE_K}"]
+    # Bernoulli on grayscale pixels: a cross-entropy, so no metric is called an NLL or given in bits/dim.
+    assert tags["likelihood_kind"] == "cross-entropy"
+    assert not any("nll" in name or name.endswith("_bits_per_dim") for name in metrics), sorted(metrics)
+    iwae = metrics[f"test/iwae_bound_k{TRAINING_IWAE_K}"]
     assert iwae <= metrics["test/neg_elbo"] * 1.01  # a bound at least about as tight as the ELBO
+    assert tags["posterior_collapse"] == str(metrics["test/active_units"] == 0 or metrics["test/kl"] < 0.1).lower()
+    # One batch of conditional samples judged at the end of training, by a classifier trained on
+    # as many images as the run (TINY_PARAMS: 1000), cached in the store.
+    assert 0.0 <= metrics["test/sample_accuracy"] <= 1.0 and 0.1 < metrics["classifier/test_accuracy"] <= 1.0
+    assert len(classifier_runs(conditional_run.store, train_size="1000")) == 1
     assert 0 <= metrics["test/active_units"] <= LATENT_DIM
     kl_dims = [metrics[f"test/kl_dim_{i}"] for i in range(LATENT_DIM)]
     assert sum(kl_dims) == pytest.approx(metrics["test/kl"], rel=1e-4)  # same closed form, two routes
@@ -156,17 +169,18 @@ def test_evaluate_by_run_id_through_mlflow_run_reuses_the_cached_classifier(cond
     (run,) = [r for r in evaluation_runs(conditional_run.store) if r.info.run_id not in {b.info.run_id for b in before}]
     assert run.info.status == "FINISHED"
     summary = [line for line in done.stdout.splitlines() if line.startswith("evaluate run ")]
-    assert len(summary) == 1 and run.info.run_id in summary[0] and f"test/iwae_nll_k{EVAL_K}" in summary[0]
+    assert len(summary) == 1 and run.info.run_id in summary[0] and f"test/iwae_bound_k{EVAL_K}" in summary[0]
 
     metrics, trained_metrics = run.data.metrics, conditional_run.run.data.metrics
-    names = {"test/neg_elbo", "test/recon", "test/kl", f"test/iwae_nll_k{EVAL_K}", "test/active_units",
+    assert run.data.tags["likelihood_kind"] == "cross-entropy" and "posterior_collapse" in run.data.tags
+    names = {"test/neg_elbo", "test/recon", "test/kl", f"test/iwae_bound_k{EVAL_K}", "test/active_units",
              "test/sample_accuracy", "test/sample_frechet_distance", "classifier/test_accuracy",
              *(f"test/kl_dim_{i}" for i in range(LATENT_DIM))}
     assert names <= set(metrics), names - set(metrics)
     assert metrics["test/neg_elbo"] == pytest.approx(trained_metrics["test/neg_elbo"], rel=0.01)
     assert metrics["test/kl"] == pytest.approx(trained_metrics["test/kl"], rel=1e-4)
     assert metrics["test/active_units"] == trained_metrics["test/active_units"]
-    assert metrics[f"test/iwae_nll_k{EVAL_K}"] <= metrics["test/neg_elbo"] * 1.01
+    assert metrics[f"test/iwae_bound_k{EVAL_K}"] <= metrics["test/neg_elbo"] * 1.01
     assert 0.0 <= metrics["test/sample_accuracy"] <= 1.0 and metrics["test/sample_frechet_distance"] > 0
     assert metrics["classifier/test_accuracy"] == pytest.approx(classifier.test_accuracy, abs=1e-9)
     tags = run.data.tags
@@ -202,3 +216,29 @@ def test_evaluate_with_a_bad_model_uri_fails_in_one_line_without_a_run(condition
     assert done.stderr.strip().splitlines()[-1].startswith("error: model_uri='models:/m-doesnotexist' is not valid")
     assert len(conditional_run.store.runs()) == before
     assert_no_running(conditional_run.store)
+
+
+# --- the rules behind the tags and names --------------------------------------------------------
+
+@pytest.mark.parametrize("active, kl, collapsed", [
+    (0, 5.0, True),  # no active unit: the KL is spread as noise the decoder ignores
+    (3, 0.05, True),  # KL under 0.1 nats: z carries next to nothing about x
+    (1, 0.1, False),
+    (2, 12.0, False),
+])
+def test_posterior_collapse_rule(active, kl, collapsed):
+    assert posterior_collapse(active, kl) is collapsed
+    assert ("0 active" in collapse_warning(0, kl)) and collapse_warning(active, kl).startswith("warning: posterior collapse")
+    assert len(collapse_warning(active, kl).splitlines()) == 1
+
+
+def test_bits_per_dim_only_for_exact_likelihoods_and_nll_names_only_for_them():
+    nats = {"test/neg_elbo": 100.0, "test/iwae_nll_k10": 90.0, "test/recon": 80.0}
+    exact = with_bits_per_dim(nats, "exact-discrete", (1, 28, 28))
+    assert exact["test/neg_elbo_bits_per_dim"] == pytest.approx(100.0 / (784 * math.log(2)))
+    assert exact["test/iwae_nll_k10_bits_per_dim"] == pytest.approx(90.0 / (784 * math.log(2)))
+    assert "test/recon_bits_per_dim" not in exact
+    assert with_bits_per_dim(nats, "cross-entropy", (1, 28, 28)) == nats
+    assert with_bits_per_dim(nats, "continuous-density", (1, 28, 28)) == nats
+    assert iwae_metric("exact-binary", 10) == "test/iwae_nll_k10"
+    assert iwae_metric("cross-entropy", 10) == iwae_metric("continuous-density", 10) == "test/iwae_bound_k10"
