@@ -1,13 +1,14 @@
 """Train every reference preset briefly and evaluate it: the preset × metrics table of the README.
 
 Runs the real entry points (train, then evaluate) against one MLflow store and prints a Markdown
-table of test negative ELBO, IWAE NLL, active units and classifier-judged sample accuracy.
+table, per preset (faithful and -fixed): the likelihood kind, test negative ELBO, the IWAE number
+(an NLL, with bits/dim, for exact kinds; a bound of a cross-entropy or density otherwise), active
+units, collapse and classifier-judged sample accuracy.
 
     python -m benchmarks.preset_report --dataset fashion-mnist --epochs 3 --limit-train 10000 \
         --limit-test 1000 --k 1000
 
-Every number is in nats per example; Gaussian presets report a continuous density, so their
-NLLs are not comparable with the Bernoulli ones.
+Every number is in nats per example; only rows of the same likelihood kind compare (README: Units).
 """
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ import subprocess
 import sys
 import time
 
-PRESETS = ("conv-decoder-cond", "mlp-concat", "conv-label-channel", "mlp-vae", "conv-vae")
+from cvae.likelihood import likelihood_kind
+from pipelines.presets import preset_config
+
+PRESETS = ("conv-decoder-cond", "conv-decoder-cond-fixed", "mlp-concat", "mlp-concat-fixed", "conv-label-channel",
+           "conv-label-channel-fixed", "mlp-vae", "conv-vae")
 
 
 def run(module: str, *args: str) -> str:
@@ -52,18 +57,25 @@ def main() -> None:
         evaluated = run("pipelines.entrypoints.evaluate", "--model-uri", run_id, "--k", args.k,
                         "--experiment", args.experiment)
         metrics = dict(re.findall(r"(test/[\w/]+|classifier/\w+) (-?[\d.e+-]+|nan)", evaluated))
+        config = preset_config(preset)
+        metrics["likelihood_kind"] = likelihood_kind(config.model.likelihood, config.data.binarize)
+        if "warning: posterior collapse" in evaluated:
+            metrics["posterior_collapse"] = "true"
         rows.append((preset, metrics, train_seconds, time.perf_counter() - started))
         print(f"{preset}: train {train_seconds:.0f} s, evaluate {time.perf_counter() - started:.0f} s", flush=True)
 
-    iwae = f"test/iwae_nll_k{args.k}"
     train_images = "all" if args.limit_train in ("", "0") else args.limit_train
     test_images = "all" if args.limit_test in ("", "0") else args.limit_test
     print(f"\n{args.dataset}, {args.epochs} epochs on {train_images} training images, "
           f"{test_images} test images, IWAE k={args.k}\n")
-    print("| preset | test neg. ELBO | IWAE NLL | active units | sample accuracy | train s | evaluate s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | likelihood kind | test neg. ELBO | IWAE (k) | bits/dim | active units | collapsed "
+          "| sample accuracy | train s | evaluate s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for preset, m, train_s, eval_s in rows:
-        print(f"| {preset} | {m.get('test/neg_elbo', '?')} | {m.get(iwae, '?')} | {m.get('test/active_units', '?')} "
+        iwae_name = next((n for n in m if n.startswith("test/iwae_") and not n.endswith("_bits_per_dim")), "?")
+        print(f"| {preset} | {m.get('likelihood_kind', '?')} | {m.get('test/neg_elbo', '?')} "
+              f"| {m.get(iwae_name, '?')} ({iwae_name.rsplit('/', 1)[-1]}) | {m.get(iwae_name + '_bits_per_dim', '—')} "
+              f"| {m.get('test/active_units', '?')} | {m.get('posterior_collapse', 'false')} "
               f"| {m.get('test/sample_accuracy', 'n/a (unconditional)')} | {train_s:.0f} | {eval_s:.0f} |")
 
 
