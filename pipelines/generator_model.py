@@ -12,6 +12,7 @@ pickle. The weights travel as a state dict and the architecture as the pyfunc mo
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -28,6 +29,9 @@ import cvae
 from cvae import CVAE, ModelConfig
 
 WEIGHTS_ARTIFACT = "weights"
+# The spec travels as an artifact, not as MLflow's model_config: MLflow would also log every
+# model_config entry as a run param, duplicating the run's configuration under other names.
+SPEC_ARTIFACT = "spec"
 
 
 class GenerationRequestError(MlflowException):
@@ -73,7 +77,11 @@ def _is_missing(value) -> bool:
 
 class GeneratorModel(PythonModel):
     def load_context(self, context):
-        spec = context.model_config
+        if SPEC_ARTIFACT in context.artifacts:
+            with open(context.artifacts[SPEC_ARTIFACT]) as spec_file:
+                spec = json.load(spec_file)
+        else:  # generators logged before the spec became an artifact
+            spec = context.model_config
         self.class_names = list(spec["class_names"])
         self.model = cvae.build(ModelConfig(**spec["model"]), tuple(spec["image_shape"]), int(spec["num_classes"]))
         state = torch.load(context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True)

@@ -45,20 +45,21 @@ EMBEDDED_FIGURE = "figures/latent_scatter_test.png"
 # Metric key -> what the description calls it. All are nats per example except active units.
 HEADLINE_METRICS = {
     "test/neg_elbo": "test negative ELBO (upper bound on −log p(x), nats per example)",
-    "test/iwae_nll_k10": "test IWAE bound, k=10 (nats per example)",
+    "test/iwae_bound_k10": "test IWAE bound on −log p(x), k=10 (nats per example)",
     "test/recon": "test reconstruction (nats per example)",
     "test/kl": "test KL (nats per example)",
     "test/active_units": "test active latent units (of the latent size)",
+    "test/sample_accuracy": "classifier-judged accuracy of samples for the requested label (fraction)",
     "best_val_loss": "best validation loss (nats per example)",
     "val/neg_elbo": "validation negative ELBO at the best epoch (nats per example)",
 }
 
 
 def _number(value: float) -> str:
-    """Short and exact enough for a name: 1, 0.5, 3e-4, 1e-4, 250."""
+    """Three significant digits, short: 1, 0.5, 0.157, 3e-4, 7.84e-3, 250."""
     if value == 0 or 1e-2 <= abs(value) < 1e5:
-        return f"{value:.4g}"
-    mantissa, exponent = f"{value:.3e}".split("e")
+        return f"{value:.3g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
 
@@ -208,7 +209,10 @@ def run_description(config: RunConfig, metrics: Mapping[str, float], artifacts: 
     if config.preset:
         trained += f"; preset `{config.preset}`"
     lines.append(trained + ".")
-    rows = [(label, metrics[key], key) for key, label in HEADLINE_METRICS.items() if key in metrics]
+    shown = {key: label for key, label in HEADLINE_METRICS.items() if key in metrics}
+    if "test/neg_elbo" in shown:  # the test set's number says it; validation's would only repeat it
+        shown.pop("val/neg_elbo", None)
+    rows = [(label, metrics[key], key) for key, label in shown.items()]
     if rows:
         lines += ["", "| metric | value | key |", "|---|---:|---|"]
         lines += [f"| {label} | {value:.4g} | `{key}` |" for label, value, key in rows]
@@ -246,7 +250,7 @@ def study_description(study_name: str, counts: Mapping[str, int], objectives: Se
                       registered: str | None = None) -> str:
     """Markdown for a study's parent run: trial counts, the best trial (linked) and the plots.
 
-    ``best``: ``number``, ``value``, ``params``, ``name`` and ``link`` of the best trial's run.
+    ``best``: ``number``, ``value``, ``params``, and the ``name`` and ``link`` of the best trial's run.
     """
     total = sum(counts.values())
     states = ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
@@ -256,7 +260,7 @@ def study_description(study_name: str, counts: Mapping[str, int], objectives: Se
              "nested run below this one."]
     if best:
         params = ", ".join(f"{k}={_number(v) if isinstance(v, float) else v}" for k, v in best["params"].items())
-        lines += ["", f"Best: [trial {best['number']} · {best['name']}]({best['link']}) with "
+        lines += ["", f"Best: [{best['name'] or 'trial-' + str(best['number'])}]({best['link']}) with "
                       f"{objectives[0]} = {best['value']:.4g} nats per example" + (f" ({params})" if params else "") + "."]
     elif len(objectives) > 1:
         lines += ["", "A multi-objective study has no single best trial: see `pareto_front.csv`."]
@@ -284,7 +288,7 @@ def describe_study(logger: RunLogger, study_name: str, objectives: Sequence[str]
         run_id = str(trial.user_attrs.get("mlflow_run_id", ""))
         name = client.get_run(run_id).data.tags.get(MLFLOW_RUN_NAME, "") if run_id else ""
         best = {"number": trial.number, "value": trial.value, "params": trial.params,
-                "name": name.split(" · ", 1)[-1], "link": run_page(experiment_id, run_id) if run_id else ""}
+                "name": name, "link": run_page(experiment_id, run_id) if run_id else ""}
     plots = {a.path: artifact_page(experiment_id, logger.run_id, a.path)
              for a in client.list_artifacts(logger.run_id, "plots") if not a.is_dir}
     registered = client.get_run(logger.run_id).data.tags.get("registered_model")
