@@ -159,10 +159,10 @@ def _healthy(uri: str) -> bool:
         return False
 
 
-def _start_mlflow_server(stack_root: Path, backend_uri: str, artifacts: Path) -> tuple[int, int]:
-    port = free_port()
-    artifacts.mkdir()
-    log = open(stack_root / "mlflow-server.log", "wb")
+def _start_mlflow_server(stack_root: Path, backend_uri: str, artifacts: Path, port: int | None = None) -> tuple[int, int]:
+    port = port or free_port()
+    artifacts.mkdir(exist_ok=True)
+    log = open(stack_root / "mlflow-server.log", "ab")
     # Its own session, so that stopping it also stops the web server's worker processes.
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
@@ -209,14 +209,26 @@ def start_stack(root: Path | None = None) -> LocalStack:
     postgres_port = None
     try:
         postgres_port = _start_postgres(root, pg_bin)
-        backend = f"postgresql+psycopg://{PG_SUPERUSER}@127.0.0.1:{postgres_port}/{MLFLOW_DB}"
-        mlflow_port, mlflow_pid = _start_mlflow_server(root, backend, root / "artifacts")
+        stack = LocalStack(str(root), postgres_port, 0, 0, str(pg_bin))
+        stack.mlflow_port, stack.mlflow_pid = _start_mlflow_server(root, stack.database_url(MLFLOW_DB),
+                                                                   stack.artifacts_dir)
     except BaseException:
         if postgres_port is not None:
             _stop_postgres(root, pg_bin)
         shutil.rmtree(root, ignore_errors=True)
         raise
-    return LocalStack(str(root), postgres_port, mlflow_port, mlflow_pid, str(pg_bin))
+    return stack
+
+
+def stop_tracking_server(stack: LocalStack) -> None:
+    """Stop only ``mlflow server`` (as a crash or a restart would); PostgreSQL keeps what it recorded."""
+    _stop_process_group(stack.mlflow_pid)
+
+
+def start_tracking_server(stack: LocalStack) -> None:
+    """Start ``mlflow server`` again on the same port, database and artifacts."""
+    _, stack.mlflow_pid = _start_mlflow_server(Path(stack.root), stack.database_url(MLFLOW_DB), stack.artifacts_dir,
+                                               stack.mlflow_port)
 
 
 def stop_stack(stack: LocalStack, keep_files: bool = False) -> None:

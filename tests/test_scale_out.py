@@ -157,6 +157,7 @@ def test_three_workers_share_a_postgresql_study_through_a_tracking_server_and_lo
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # retried_trial_number
 def test_a_sigkilled_workers_trial_fails_and_is_retried_once_by_another_worker(server_stack, data_dir, tmp_path):
     env = worker_env(server_stack, data_dir, "scale-out-crash")
     study = ["--study", "crash", "--storage", server_stack.optuna_storage]
@@ -198,6 +199,38 @@ def test_a_sigkilled_workers_trial_fails_and_is_retried_once_by_another_worker(s
     (retry_run,) = children[retry.number]
     assert retry_run.info.run_id != dead_run.info.run_id and retry_run.info.status in ("FINISHED", "KILLED")
     assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+
+
+@pytest.mark.slow
+def test_a_tracking_server_lost_mid_trial_fails_the_trial_and_keeps_what_was_logged(server_stack, data_dir, tmp_path):
+    from pipelines.local_stack import start_tracking_server, stop_tracking_server
+
+    # One retry, so the test does not wait out the default bound (about a minute per call): it also
+    # shows that values the user set are kept.
+    env = {**worker_env(server_stack, data_dir, "scale-out-lost"), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    worker = start_worker(env, tmp_path, "--study", "lost", "--storage", server_stack.optuna_storage,
+                          "--n-trials", "2", "--epochs", "500", "--patience", "0")
+    try:
+        for line in worker.stdout:
+            if line.startswith("epoch 2:"):
+                stop_tracking_server(server_stack)
+                break
+        output = worker.communicate(timeout=300)[0]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        start_tracking_server(server_stack)
+    assert worker.returncode not in (0, None), output[-3000:]
+    assert "MlflowException" in output
+    # The worker stops: no further trial is started (and failed) while the server is gone.
+    (trial,) = optuna.load_study(study_name="lost", storage=server_stack.optuna_storage).trials
+    assert trial.state == TrialState.FAIL
+    client = MlflowClient(server_stack.tracking_uri)
+    (run,) = children_by_trial(experiment_runs(client, "scale-out-lost"))[trial.number]
+    logged = {m.step for m in client.get_metric_history(run.info.run_id, OBJECTIVE_METRIC)}
+    assert {1, 2} <= logged <= set(trial.intermediate_values), (logged, trial.intermediate_values)
 
 
 def test_an_unreachable_tracking_server_stops_the_worker_before_any_trial(data_dir, tmp_path):
