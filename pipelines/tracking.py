@@ -36,11 +36,12 @@ def configure_tracking() -> str:
 
 
 # A tracking server that goes away mid-study (restart, network) is retried by MLflow's client
-# with exponential backoff: waits of 0, 4, 8, 16, 32, 64 s (about two minutes, enough for a
-# server restart), each request giving up after 60 s without an answer; then the call raises.
-# MLflow's own defaults (7 retries, 120 s timeouts) keep a worker hanging for up to 20 minutes.
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+# with exponential backoff: waits of 0, 4, 8, 16, 32 s (about a minute per call, enough for a
+# server restart), each attempt giving up after 30 s without an answer; then the call raises.
+# MLflow's own defaults (7 retries, 120 s timeouts) keep a worker hanging for up to 20 minutes
+# per call, and a failing trial makes several calls while it closes its runs.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 HEALTH_ATTEMPTS = 3  # a tracking server just (re)starting gets a few seconds before we give up
 _reachable: set[str] = set()
 
