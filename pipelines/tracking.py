@@ -69,9 +69,12 @@ def require_tracking_server(uri: str) -> None:
     from cvae.config import ConfigError
 
     health = uri.rstrip("/") + "/health"
+    # The TLS settings MLflow's own client honours (/health needs no credentials).
+    verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or \
+        os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() not in ("true", "1")
     for attempt in range(1, HEALTH_ATTEMPTS + 1):
         try:
-            response = requests.get(health, timeout=10)
+            response = requests.get(health, timeout=10, verify=verify)
             if response.ok:
                 _reachable.add(uri)
                 return
