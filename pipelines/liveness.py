@@ -128,3 +128,41 @@ def close_stale_run(client: MlflowClient, stale: StaleRun, reason: str) -> bool:
     client.set_tag(stale.run_id, "error", reason[:5000])
     client.set_terminated(stale.run_id, "KILLED", end_time=int(stale.last_seen_s * 1000))
     return True
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not os.path.isdir("/proc/self")  # without /proc, kill(pid, 0) is all we know
+
+
+def keep_status_after(run_id: str, parent_pid: int, status: str, wait_s: float = 300.0) -> None:
+    """Wait for ``parent_pid`` (`mlflow run`) to exit, then give ``run_id`` back ``status``.
+
+    MLflow 3.17's `mlflow run` overwrites the status its entry point set: after a non-zero exit it
+    calls ``_maybe_set_run_terminated(run, "FAILED")``, whose "already terminated?" check compares
+    the status string with integer codes and so never holds. An interrupted run would end FAILED
+    though it ended KILLED. This runs in a detached process, after `mlflow run` is gone.
+    """
+    deadline = time.monotonic() + wait_s
+    while _pid_running(parent_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    if run.info.status != status:
+        client.set_terminated(run_id, status, end_time=run.info.end_time)
+
+
+if __name__ == "__main__":
+    import sys
+
+    keep_status_after(sys.argv[1], int(sys.argv[2]), sys.argv[3])

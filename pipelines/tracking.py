@@ -31,6 +31,9 @@ def configure_tracking() -> str:
     """Use $MLFLOW_TRACKING_URI when set, else the embedded SQLite store in the working directory."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
+    # MLflow draws a "Downloading artifacts" bar for every model it loads (each run, each trial):
+    # noise in logs and CI output. Whoever wants it back sets the variable to true.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     bound_http_retries(uri)
     return uri
 

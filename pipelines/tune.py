@@ -6,6 +6,7 @@ several processes on one storage share the work. Tracking of trials lives in ``t
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from cvae.config import ConfigError, require, require_choice
 from pipelines.config import RunConfig, flatten, with_overrides
-from pipelines.data import DatasetSplits, load_splits
+from pipelines.data import DataUnavailableError, DatasetSplits, load_splits
 from pipelines.execution import resolve_device
 from pipelines.tracking import RunLogger, resolve_experiment_id
 from pipelines.train import NonFiniteLossError, TrainResult, train
@@ -222,6 +223,31 @@ def objective_values(objectives: Sequence[str], result: TrainResult) -> list[flo
     if not all(math.isfinite(v) for v in values):
         raise NonFiniteLossError(f"objective values are not finite: {dict(zip(objectives, values))}")
     return values
+
+
+class _StopsWithoutTraceback(logging.Filter):
+    """Optuna logs every exception that ends a trial, with its traceback, and then re-raises it. A
+    bad value from a search space (or missing data, or Ctrl-C) stops the whole study, and the entry
+    point reports it in one line: drop Optuna's two records of it (the trial is still recorded FAIL)."""
+
+    STOPS = (ConfigError, DataUnavailableError, KeyboardInterrupt)
+
+    def __init__(self):
+        super().__init__()
+        self._dropped_trial: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and isinstance(record.exc_info[1], self.STOPS):
+            self._dropped_trial = message.split(" failed", 1)[0]  # "Trial 3"
+            return False
+        if self._dropped_trial and message.startswith(f"{self._dropped_trial} failed with value"):
+            self._dropped_trial = None
+            return False
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_StopsWithoutTraceback())
 
 
 class TrialObjective:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import TINY_DATA, TINY_PARAMS, assert_no_running
+from conftest import REPO, TINY_DATA, TINY_PARAMS, assert_no_running
 
 TRAIN = "pipelines.entrypoints.train"
 
@@ -153,3 +153,143 @@ def test_stale_runs_rejects_an_unknown_experiment_in_one_line(store):
     done = store.cli(STALE, "--experiment", "nope")
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: experiment='nope' is not valid; no such experiment in the tracking store")
+
+
+def test_artifact_downloads_draw_no_progress_bar(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from pipelines.tracking import configure_tracking
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    previous = mlflow.get_tracking_uri()
+    try:
+        configure_tracking()
+        client = mlflow.MlflowClient()
+        run_id = client.create_run(client.create_experiment("bars", (tmp_path / "a").as_uri())).info.run_id
+        for name in ("one", "two"):
+            client.log_text(run_id, name, f"files/{name}.txt")
+        capsys.readouterr()
+        mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path / "down"))
+        assert "Downloading artifacts" not in capsys.readouterr().err
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+# --- cancellation under `mlflow run` ------------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            children += [int(c) for c in handle.read().split()]
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    found, queue = [], [pid]
+    while queue:
+        try:
+            children = _children(queue.pop())
+        except OSError:  # it ended meanwhile
+            continue
+        found += children
+        queue += children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+def _start_mlflow_train(store) -> subprocess.Popen:
+    """`mlflow run -e train` in its own process group (as a terminal would start it), once its
+    training has logged an epoch."""
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
+               "--experiment-name", "tests"]
+    for key, value in {**TINY_PARAMS, "epochs": "200", "patience": "0"}.items():
+        command += ["-P", f"{key}={value}"]
+    process = subprocess.Popen(command, cwd=store.root, env=store.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("epoch 1:"):
+            return process
+    process.wait()
+    pytest.fail(f"`mlflow run` ended before an epoch: exit {process.returncode}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_mlflow_run_process_group_ends_the_run_killed(store):
+    process = _start_mlflow_train(store)
+    try:
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        rest = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0, rest[-2000:]
+    # `mlflow run` itself marks the run FAILED as it exits (an MLflow bug, see
+    # pipelines.liveness.keep_status_after); a detached helper puts KILLED back right after.
+    deadline = time.monotonic() + 120
+    while (run := store.runs()[0]).info.status != "KILLED" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert run.info.status == "KILLED", (run.data.tags.get("error"), rest[-3000:])
+    assert len(store.client.get_metric_history(run.info.run_id, "val/loss")) >= 1  # what it logged stays
+
+
+@pytest.mark.slow
+def test_sigterm_to_mlflow_run_alone_leaves_no_training_process(store):
+    process = _start_mlflow_train(store)
+    training = _descendants(process.pid)
+    assert training, "the training process was not found"
+    try:
+        process.send_signal(signal.SIGTERM)  # to `mlflow run` only, not its group
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 120  # a bound on waiting, not a timing assertion
+        while any(map(_alive, training)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        survivors = [pid for pid in training if _alive(pid)]
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+    assert survivors == [], "training outlived `mlflow run`"
+    (run,) = store.runs()
+    assert run.info.status == "KILLED", run.data.tags.get("error")
+    assert_no_running(store)
+
+
+def test_sigterm_exits_143_and_ctrl_c_130(store):
+    for stop, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        process = subprocess.Popen([sys.executable, "-c", (
+            "import os, signal, time\n"
+            "from pipelines.entrypoints.common import run_main\n"
+            "def main(argv):\n"
+            "    print('ready', flush=True)\n"
+            "    time.sleep(120)\n"
+            "run_main(main)\n")], cwd=store.root, env=store.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(stop)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == code, stderr
+
+
+@pytest.mark.slow
+def test_a_search_space_returning_a_bad_value_is_one_line_without_optuna_traceback(store, tmp_path):
+    import optuna
+
+    space = tmp_path / "bad_space.py"
+    space.write_text("def space(trial, base):\n"
+                     "    return {'model.latent_dim': trial.suggest_int('latent_dim', -3, -1)}\n")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    done = store.cli("pipelines.entrypoints.tune", *TINY_DATA, "--epochs", "1", "--space", f"{space}:space",
+                     "--n-trials", "1", "--storage", storage, "--study", "bad-space")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert error_lines(done.stderr) == ["error: model.latent_dim=-1 is not valid; expected an integer >= 1"]
+    assert "Traceback" not in done.stderr and "failed with" not in done.stderr, done.stderr[-3000:]
+    (trial,) = optuna.load_study(study_name="bad-space", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert_no_running(store)

@@ -139,3 +139,15 @@ def test_mlflow_models_serve_answers_labels_with_images(conditional_run, tmp_pat
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+@pytest.mark.parametrize("output, reason", [
+    ("/proc/grid.png", "cannot write there: No such file or directory (/proc)"),
+    (".", "it is a directory: expected a file path, e.g. grid.png"),
+])
+def test_generate_rejects_an_unwritable_output_before_anything_is_loaded_or_logged(store, output, reason):
+    # The model is not even looked up: the output is checked first, so no run can be half-written.
+    done = store.cli("pipelines.entrypoints.generate", "--model-uri", "models:/never-looked-up", "--output", output)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == f"error: output={output!r} is not valid; {reason}", done.stderr[-2000:]
+    assert store.runs() == []

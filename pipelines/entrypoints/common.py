@@ -69,6 +69,29 @@ def _fail_pending_mlflow_run(message: str, status: str) -> None:
         pass
 
 
+def _keep_killed_after_mlflow_run() -> None:
+    """Under `mlflow run`, which would overwrite our KILLED with FAILED once we exit (see
+    ``pipelines.liveness.keep_status_after``), leave a small detached process that puts KILLED
+    back once `mlflow run` has exited."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or os.getppid() <= 1:
+        return
+    import subprocess
+
+    import mlflow
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    try:
+        subprocess.Popen([sys.executable, "-m", "pipelines.liveness", run_id, str(os.getppid()), "KILLED"],
+                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True)
+    except OSError:
+        pass
+
+
 class Stopped(KeyboardInterrupt):
     """Ctrl-C or SIGTERM: the run ends KILLED; ``signum`` decides the exit code (128 + signum)."""
 
@@ -91,7 +114,7 @@ def _stop(signum, frame) -> None:
     if len(_signals_received) == 2:
         if signum == _signals_received[0]:  # the user again, not `mlflow run` following up
             print("still closing the run; send the signal again to abandon it (it would stay RUNNING "
-                  "until `python -m pipelines.entrypoints.runs stale --close`)", file=sys.stderr, flush=True)
+                  "until `python -m pipelines.entrypoints.stale_runs --close`)", file=sys.stderr, flush=True)
         return
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
@@ -188,7 +211,8 @@ def exit_code(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] |
     """Run ``main`` and turn known failures into one clear line on stderr and the exit code:
     2 bad input, 1 divergence, 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM)."""
     try:
-        return main(argv) or 0
+        with one_line_parser_errors():
+            return main(argv) or 0
     except USER_ERRORS as error:
         message = _first_line(error)
         print(f"error: {message}", file=sys.stderr)
@@ -199,6 +223,7 @@ def exit_code(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] |
         print("interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}",
               file=sys.stderr)
         _fail_pending_mlflow_run("interrupted", "KILLED")
+        _keep_killed_after_mlflow_run()
         return EXIT_SIGNAL_BASE + signum
     except Exception as error:
         diverged = _divergence_error()

@@ -30,6 +30,30 @@ def parse_labels(text: str, class_names: Sequence[str]) -> list[int]:
     return labels
 
 
+def writable_output(text: str) -> Path | None:
+    """The ``--output`` path, checked before anything is loaded or logged: its folder must exist
+    or be creatable, and the file must be writable there (None when no output was asked for)."""
+    if not text.strip():
+        return None
+    path = Path(text).expanduser().absolute()
+    if path.is_dir():
+        raise UserError(f"output={text!r} is not valid; it is a directory: expected a file path, e.g. grid.png")
+    folder = path.parent
+    while not folder.exists():  # the nearest existing folder is where the missing ones would be made
+        folder = folder.parent
+    try:  # try it for real: permission bits say nothing for root or on read-only mounts
+        if path.exists():
+            with open(path, "ab"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".generate-probe-"):
+                pass
+    except OSError as error:
+        raise UserError(f"output={text!r} is not valid; cannot write there: "
+                        f"{error.strerror or type(error).__name__} ({path if path.exists() else folder})") from None
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.entrypoints.generate",
                                      description="Write a grid of generated images from a logged CVAE.")
@@ -48,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     n = number_option("n", args.n, int, 8, minimum=1)
     seed = number_option("seed", args.seed, int, 0, minimum=0)
+    output = writable_output(args.output)
     device = resolve_device(ExecutionConfig(device=args.device))
     import torch
     from torchvision.utils import save_image
@@ -74,9 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "generate.n": n, "generate.seed": seed})
         logger.set_tags({"generated_from": resolved.model_uri, "source_run_id": resolved.source_run_id or ""})
         logger.log_artifact(str(grid), str(Path(GRID_ARTIFACT).parent))
-        if args.output:
-            Path(args.output).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(grid, Path(args.output).expanduser())
+        if output:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grid, output)
     print(f"generate run {logger.run_id}: {len(rows)} x {n} grid ({'; '.join(rows)}) from {resolved.model_uri} "
           f"-> {GRID_ARTIFACT}" + (f" and {args.output}" if args.output else ""), flush=True)
     return 0
