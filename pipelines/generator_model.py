@@ -1,9 +1,11 @@
 """The generator flavour of a logged CVAE: an MLflow pyfunc that turns requested labels (and
 optional latent vectors) into images, so `mlflow models serve` can answer sample requests.
 
-Request rows: ``label`` (int, required for a conditional model, ignored by an unconditional one)
-and optional ``z`` (a list of ``latent_dim`` floats; drawn from N(0, I) when absent). The answer
-is a float32 array (rows, C, H, W) of mean images in [0, 1].
+Request rows: ``label`` (an integer class id, required for a conditional model, ignored by an
+unconditional one; 3.5, "3" or true are refused, not truncated) and optional ``z`` (a list of
+``latent_dim`` floats; drawn from N(0, I) when absent). The answer is a float32 array
+(rows, C, H, W) of mean images in [0, 1]. A request may ask for at most ``max_rows_per_request``
+rows (the spec's setting, default 1000: about 16 MB of JSON); more get HTTP 400.
 
 It is logged as a "model from code": MLflow executes this file when it loads the model, so it
 imports only cvae, torch, numpy, pandas and mlflow, never the pipelines package, and needs no
@@ -23,12 +25,14 @@ from mlflow.models import ModelSignature, set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import Schema, TensorSpec
-from mlflow.types.schema import Array, ColSpec
+from mlflow.types.schema import AnyType, Array, ColSpec
 
 import cvae
 from cvae import CVAE, ModelConfig
 
 WEIGHTS_ARTIFACT = "weights"
+# 1000 images of 28x28 are about 16 MB of JSON; 20,000 made a 317 MB answer and a 960 MB worker.
+DEFAULT_MAX_ROWS = 1000
 # The spec travels as an artifact, not as MLflow's model_config: MLflow would also log every
 # model_config entry as a run param, duplicating the run's configuration under other names.
 SPEC_ARTIFACT = "spec"
@@ -41,15 +45,17 @@ class GenerationRequestError(MlflowException):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def generator_spec(model: CVAE, class_names: list[str]) -> dict:
-    """Everything besides the weights needed to rebuild ``model`` (stored as the pyfunc model_config)."""
+def generator_spec(model: CVAE, class_names: list[str], max_rows_per_request: int = DEFAULT_MAX_ROWS) -> dict:
+    """Everything besides the weights needed to rebuild ``model``, and the serving limits."""
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
     return {"model": config, "image_shape": list(model.image_shape), "num_classes": model.num_classes,
-            "class_names": list(class_names)}
+            "class_names": list(class_names), "max_rows_per_request": int(max_rows_per_request)}
 
 
 def generator_signature(model: CVAE) -> ModelSignature:
-    inputs = Schema([ColSpec("long", "label", required=model.conditional),
+    # `label` is typed Any, not long: with long, MLflow's scoring server casts the JSON to int64
+    # while parsing it (3.5 -> 3, "3" -> 3, true -> 1) before we can refuse it; _class_id checks it.
+    inputs = Schema([ColSpec(AnyType(), "label", required=model.conditional),
                      ColSpec(Array("double"), "z", required=False)])
     outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *model.image_shape), "images")])
     return ModelSignature(inputs=inputs, outputs=outputs)
@@ -60,15 +66,16 @@ def generator_input_example(model: CVAE) -> pd.DataFrame:
 
 
 def _class_id(value, num_classes: int) -> int | None:
-    """The class id ``value`` stands for, or None when it is not an integer in [0, num_classes)."""
-    if isinstance(value, (bool, np.bool_)):
+    """The class id ``value`` stands for, or None when it is not an integer in [0, num_classes).
+
+    Integers only: a JSON number with an integral value (3, or 3.0 as some clients write it);
+    never a fraction, a string or a boolean (bool is an int subclass in Python)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         return None
-    try:
-        label = int(value)
-        exact = float(value) == label
-    except (TypeError, ValueError, OverflowError):
+    if isinstance(value, (float, np.floating)) and not (math.isfinite(value) and float(value).is_integer()):
         return None
-    return label if exact and 0 <= label < num_classes else None
+    label = int(value)
+    return label if 0 <= label < num_classes else None
 
 
 def _is_missing(value) -> bool:
@@ -83,6 +90,7 @@ class GeneratorModel(PythonModel):
         else:  # generators logged before the spec became an artifact
             spec = context.model_config
         self.class_names = list(spec["class_names"])
+        self.max_rows = int(spec.get("max_rows_per_request", DEFAULT_MAX_ROWS))
         self.model = cvae.build(ModelConfig(**spec["model"]), tuple(spec["image_shape"]), int(spec["num_classes"]))
         state = torch.load(context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
@@ -98,7 +106,8 @@ class GeneratorModel(PythonModel):
         labels = [_class_id(value, self.model.num_classes) for value in frame["label"]]
         for value, label in zip(frame["label"], labels):
             if label is None:
-                raise GenerationRequestError(f"label {value!r} is not valid; labels are {classes}")
+                raise GenerationRequestError(f"label {value!r} is not valid; labels are the integer class ids "
+                                             f"{classes}")
         return torch.tensor(labels, dtype=torch.long)
 
     def _latents(self, frame: pd.DataFrame) -> torch.Tensor:
@@ -107,15 +116,23 @@ class GeneratorModel(PythonModel):
         for row, value in enumerate(frame["z"] if "z" in frame.columns else []):
             if _is_missing(value):
                 continue
-            vector = np.asarray(value, dtype=np.float64).reshape(-1)
-            if vector.shape[0] != dim or not np.isfinite(vector).all():
+            try:
+                vector = np.asarray(value, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                vector = None
+            if vector is None or vector.shape[0] != dim or not np.isfinite(vector).all():
+                got = "something else" if vector is None else f"{vector.shape[0]} values"
                 raise GenerationRequestError(f"z in row {row} is not valid; expected {dim} finite floats "
-                                             f"(the model's latent_dim), got {vector.shape[0]} values")
+                                             f"(the model's latent_dim), got {got}")
             z[row] = torch.from_numpy(vector).float()
         return z
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if len(frame) > self.max_rows:
+            raise GenerationRequestError(f"{len(frame)} rows requested; this generator answers at most "
+                                         f"{self.max_rows} rows per request (max_rows_per_request in its "
+                                         f"spec): split the request")
         labels = self._labels(frame)
         z = self._latents(frame)
         with torch.no_grad():

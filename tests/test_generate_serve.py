@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from pipelines.entrypoints.generate import GRID_ARTIFACT, GRID_PADDING
+from pipelines.generator_model import DEFAULT_MAX_ROWS, GenerationRequestError, GeneratorModel, generator_spec
 from conftest import SHARED_RUN_LATENT_DIM, assert_no_running
 
 LATENT_DIM = SHARED_RUN_LATENT_DIM
@@ -129,7 +130,15 @@ def test_mlflow_models_serve_answers_labels_with_images(conditional_run, tmp_pat
         torch.testing.assert_close(served, expected, rtol=1e-5, atol=1e-5)  # the same decoder, served
 
         status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 10}]})
-        assert status == 400 and "label 10 is not valid; labels are 0..9" in body["message"], body
+        assert status == 400 and "label 10 is not valid; labels are the integer class ids 0..9" in body["message"], body
+        for label in (3.5, "3", True):  # refused, not truncated or cast to 3 or 1
+            status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 1}, {"label": label}]})
+            assert status == 400 and f"label {label!r} is not valid" in body["message"], (label, body)
+        status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 3.0}]})
+        assert status == 200 and np.asarray(body["predictions"]).shape == (1, 1, 28, 28), body
+        status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 0}] * (DEFAULT_MAX_ROWS + 1)})
+        assert status == 400 and (f"{DEFAULT_MAX_ROWS + 1} rows requested; this generator answers at most "
+                                  f"{DEFAULT_MAX_ROWS} rows per request") in body["message"], body
         status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 1, "z": [0.0]}]})
         assert status == 400 and f"expected {LATENT_DIM} finite floats" in body["message"], body
     finally:
@@ -151,3 +160,43 @@ def test_generate_rejects_an_unwritable_output_before_anything_is_loaded_or_logg
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip() == f"error: output={output!r} is not valid; {reason}", done.stderr[-2000:]
     assert store.runs() == []
+
+
+@pytest.fixture
+def generator(tmp_path):
+    """The generator pyfunc as MLflow loads it (load_context on its artifacts), for a tiny model."""
+    import json
+    from types import SimpleNamespace
+
+    import cvae
+    from cvae import ModelConfig
+
+    model = cvae.build(ModelConfig(latent_dim=2, hidden=(8,)), (1, 28, 28), 10)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    spec = generator_spec(model, [str(k) for k in range(10)], max_rows_per_request=5)
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    loaded = GeneratorModel()
+    loaded.load_context(SimpleNamespace(artifacts={"weights": str(tmp_path / "weights.pt"),
+                                                   "spec": str(tmp_path / "spec.json")}, model_config={}))
+    return loaded
+
+
+def test_generator_takes_integer_labels_only(generator):
+    import pandas as pd
+
+    assert generator.predict(None, pd.DataFrame({"label": [3, 7]})).shape == (2, 1, 28, 28)
+    assert generator.predict(None, pd.DataFrame({"label": [3.0]})).shape == (1, 1, 28, 28)
+    for bad in (3.5, "3", True, float("inf"), -1, 10):
+        with pytest.raises(GenerationRequestError, match=f"label {bad!r} is not valid; labels are the integer"):
+            generator.predict(None, pd.DataFrame({"label": pd.Series([1, bad], dtype=object)}))
+    with pytest.raises(GenerationRequestError, match="z in row 0 is not valid; expected 2 finite floats"):
+        generator.predict(None, pd.DataFrame({"label": [1], "z": [["a", "b"]]}))
+
+
+def test_generator_caps_the_rows_per_request_at_its_setting(generator):
+    import pandas as pd
+
+    assert generator.predict(None, pd.DataFrame({"label": [0] * 5})).shape[0] == 5
+    with pytest.raises(GenerationRequestError, match=r"^6 rows requested; this generator answers at most 5 rows "
+                                                     r"per request \(max_rows_per_request in its spec\)"):
+        generator.predict(None, pd.DataFrame({"label": [0] * 6}))
