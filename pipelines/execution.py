@@ -29,6 +29,41 @@ def resolve_device(config: ExecutionConfig) -> torch.device:
     return device
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's <malloc.h>
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit systems
+_TRIM_THRESHOLD = 2**30
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks up to 32 MB in the heap, and not to hand the heap back.
+
+    PyTorch's CPU tensors come from malloc. By default glibc maps big blocks afresh and returns
+    them on free, so every batch of activations costs page faults while the kernel zeroes the
+    pages again: a short conv run spent a fifth of its time in the kernel. Once per process; a
+    no-op (False) off glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def configure_threads(config: ExecutionConfig) -> int:
+    """Give torch the configured number of CPU threads (0 leaves torch's default); return it.
+
+    Several workers on one machine each take their share: with every worker on all cores, the
+    threads oversubscribe the CPU and every worker slows down several times over.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return torch.get_num_threads()
+
+
 def is_deterministic(config: ExecutionConfig, device: torch.device) -> bool:
     if config.deterministic == "auto":
         return device.type == "cpu"

@@ -21,11 +21,12 @@ import torch
 from pipelines.config import RunConfig, to_dict
 from pipelines.execution import device_description, hardware_description
 from pipelines.tracking import REPO_ROOT, RunLogger, command_line, git_commit
+from pipelines.train import TrainResult
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from pipelines.train import TrainResult
+    from pipelines.record import Recorded
 
 MANIFEST_FILE = "manifest.json"
 DIFF_FILE = "code.diff"
@@ -86,12 +87,13 @@ def git_diff() -> str:
         return ""
 
 
-def result_metrics(result: "TrainResult") -> dict[str, float]:
-    """The metrics a re-run must reproduce: test metrics, best epoch/validation loss, and the last
-    epoch's training and validation metrics (timings excluded)."""
+def result_metrics(result: TrainResult, recorded_metrics: Mapping[str, float]) -> dict[str, float]:
+    """The metrics a re-run must reproduce: what the recording logged (test metrics of a full
+    record; none for a study trial), best epoch/validation loss, and the last epoch's training and
+    validation metrics (timings excluded)."""
     last = {k: v for k, v in (result.history[-1] if result.history else {}).items()
             if k != "epoch" and k not in TIMING_METRICS}
-    return {**result.test_metrics, "best_epoch": result.best_epoch,
+    return {**recorded_metrics, "best_epoch": result.best_epoch,
             "best_val_loss": result.best_val_loss, "epochs_run": len(result.history), **last}
 
 
@@ -103,7 +105,7 @@ def code_version() -> tuple[dict, str]:
             "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if dirty else None}, diff
 
 
-def build_manifest(config: RunConfig, result: "TrainResult", run_id: str | None = None,
+def build_manifest(config: RunConfig, result: TrainResult, recorded: "Recorded", run_id: str | None = None,
                    code: dict | None = None) -> dict:
     data = result.splits.summary()
     return {
@@ -127,21 +129,21 @@ def build_manifest(config: RunConfig, result: "TrainResult", run_id: str | None 
         "environment": environment_description(result.device),
         "hardware": hardware_description(result.device),
         "results": {
-            "metrics": result_metrics(result),
+            "metrics": result_metrics(result, recorded.metrics),
             "weights_sha256": weights_sha256(result.model.state_dict()),
-            "model_uri": result.model_uri,
-            "model_id": result.model_id,
+            "model_uri": recorded.model_uri,
+            "model_id": recorded.model_id,
             "stopped_early": result.stopped_early,
         },
     }
 
 
-def log_manifest(logger: RunLogger, config: RunConfig, result: "TrainResult") -> dict:
+def log_manifest(logger: RunLogger, config: RunConfig, result: TrainResult, recorded: "Recorded") -> dict:
     """Log ``manifest.json`` (and ``code.diff`` when the tree is dirty) to the logger's run."""
     code, diff = code_version()
     if code["git_dirty"]:
         logger.log_text(diff, DIFF_FILE)
-    manifest = build_manifest(config, result, logger.run_id, code)
+    manifest = build_manifest(config, result, recorded, logger.run_id, code)
     logger.log_dict(manifest, MANIFEST_FILE)
     return manifest
 

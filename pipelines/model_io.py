@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -15,7 +16,7 @@ from mlflow.types import Schema, TensorSpec
 import mlflow.pytorch
 from cvae import CVAE
 from pipelines.config import RunConfig, flatten
-from pipelines.tracking import REPO_ROOT, RunLogger
+from pipelines.tracking import REPO_ROOT, RunLogger, new_logged_model
 
 MODEL_NAME = "model"
 GENERATOR_NAME = "generator"
@@ -39,7 +40,8 @@ def input_example_for(model: CVAE) -> dict[str, np.ndarray]:
 def log_model(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInfo:
     """Log as a LoggedModel (MLflow 3) linked to the logger's run, with the cvae package as code.
 
-    The model is moved to the CPU first so it loads on machines without a GPU.
+    The model is moved to the CPU first so it loads on machines without a GPU. The generator
+    (``log_generator``) is a separate step: a study logs it for its chosen trials only.
     """
     device = next(model.parameters()).device
     cpu_model = model.to("cpu").eval()
@@ -47,12 +49,12 @@ def log_model(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInfo:
         with _quiet_expected_mlflow_warnings():
             info = mlflow.pytorch.log_model(
                 cpu_model, name=MODEL_NAME, run_id=logger.run_id,
+                model_id=new_logged_model(logger.client, logger.run_id, MODEL_NAME, flatten(config)),
                 signature=signature_for(cpu_model), input_example=input_example_for(cpu_model),
                 code_paths=[str(REPO_ROOT / "cvae")], params=flatten(config),
                 serialization_format="pickle",
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
-        log_generator(logger, cpu_model, config)
         return info
     finally:
         model.to(device)
@@ -70,12 +72,17 @@ def log_generator(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInf
     class_names = list(DATASET_CLASSES[config.data.dataset].classes)
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.pt")
-        torch.save(model.state_dict(), weights)
+        torch.save({name: tensor.cpu() for name, tensor in model.state_dict().items()}, weights)
+        spec = os.path.join(tmp, "spec.json")
+        with open(spec, "w") as spec_file:
+            json.dump(generator_model.generator_spec(model, class_names), spec_file)
         # Model.log, not mlflow.pyfunc.log_model: only it takes an explicit run_id.
         info = Model.log(
             artifact_path=None, name=GENERATOR_NAME, flavor=mlflow.pyfunc, run_id=logger.run_id,
-            python_model=generator_model.__file__, model_config=generator_model.generator_spec(model, class_names),
-            artifacts={generator_model.WEIGHTS_ARTIFACT: weights}, code_paths=[str(REPO_ROOT / "cvae")],
+            model_id=new_logged_model(logger.client, logger.run_id, GENERATOR_NAME, flatten(config)),
+            python_model=generator_model.__file__,
+            artifacts={generator_model.WEIGHTS_ARTIFACT: weights, generator_model.SPEC_ARTIFACT: spec},
+            code_paths=[str(REPO_ROOT / "cvae")],
             signature=generator_model.generator_signature(model),
             input_example=generator_model.generator_input_example(model), params=flatten(config),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],

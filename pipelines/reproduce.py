@@ -275,11 +275,14 @@ def reproduce_run(run_id: str, tolerance: float | None = None, experiment: str |
     check_available(config.data)
     if experiment is None and not (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
         experiment = client.get_experiment(client.get_run(run_id).info.experiment_id).name
-    from pipelines.train import train  # heavy imports only once the input is known to be good
+    # Heavy imports only once the input is known to be good.
+    from pipelines.record import FULL, record_run
+    from pipelines.train import train
 
     with entry_point_run(experiment, run_name or f"reproduce-{run_id[:8]}",
                          tags={REPRODUCES_TAG: run_id}) as logger:
         result = train(config, logger)
+        record_run(logger, result, config, FULL)
         rerun = load_manifest(logger.client, logger.run_id)
         chosen = (explicit_tolerance(tolerance) if tolerance is not None
                   else default_tolerance(original, rerun))

@@ -1,5 +1,9 @@
 """Training: one function, ``train``, used by the `train` entry point, Optuna trials and `reproduce`.
 
+``train`` trains, validates, early-stops and reports each epoch; it logs params, tags and
+per-epoch metrics only. Saying what the finished model is (test metrics, figures, evaluation,
+the model, the manifest) is ``pipelines.record``'s job, which imports this module.
+
 Losses are nats per example: reconstruction summed over pixels, KL summed over latent
 dimensions, both averaged over the batch.
 """
@@ -17,13 +21,19 @@ from tqdm.auto import tqdm
 
 import cvae
 from cvae import CVAE, kl_weight_at, negative_elbo
+from cvae.likelihood import likelihood_kind
 from pipelines.config import RunConfig, flatten
 from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
-from pipelines.execution import (autocast, configure_determinism, device_description, grad_scaler,
-                                 is_deterministic, resolve_device, seed_everything)
+from pipelines.execution import (autocast, configure_determinism, configure_threads, device_description,
+                                 grad_scaler, is_deterministic, keep_freed_memory, resolve_device,
+                                 seed_everything)
+from pipelines.run_description import log_dataset
 from pipelines.tracking import RunLogger, git_commit
 
-EVAL_BATCH = 1000
+# Evaluation batch: a conv layer's activations for 250 images stay under glibc's 32 MB mmap limit,
+# so freed buffers are reused from the heap; at 1000 images every batch mapped and unmapped
+# hundreds of MB and a short conv run spent most of its time in the kernel zeroing pages.
+EVAL_BATCH = 250
 EVAL_SEED = 1234
 EpochCallback = Callable[[int, dict], None]
 
@@ -34,18 +44,17 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """A trained model (best checkpoint restored) and how it got there; nothing about the test set."""
     model: CVAE
     splits: DatasetSplits
+    batcher: Batcher
     history: list[dict]
     best_epoch: int
     best_val_loss: float
-    test_metrics: dict
     stopped_early: bool
     device: torch.device
     seeds: dict = field(default_factory=dict)
     determinism: dict = field(default_factory=dict)
-    model_uri: str | None = None
-    model_id: str | None = None
 
 
 def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -117,20 +126,27 @@ def run_tags(config: RunConfig, device: torch.device) -> dict[str, str]:
     commit, dirty = git_commit()
     info = device_description(device)
     return {"dataset": config.data.dataset, "arch": config.model.arch,
-            "conditioning": config.model.conditioning, "device": info["device"],
+            "conditioning": config.model.conditioning,
+            # What the likelihood numbers are (cvae.likelihood): exact-discrete, exact-binary,
+            # cross-entropy or continuous-density; only the exact kinds are NLLs.
+            "likelihood_kind": likelihood_kind(config.model.likelihood, config.data.binarize),
+            "device": info["device"],
             "device_name": info["device_name"], "torch_version": info["torch_version"],
             "cuda_version": info["cuda_version"], "git_commit": commit, "git_dirty": str(dirty).lower(),
             **({"preset": config.preset} if config.preset else {})}
 
 
 def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCallback | None = None,
-          splits: DatasetSplits | None = None, log_artifacts: bool = True) -> TrainResult:
-    """Train one model from ``config``; log params, per-epoch metrics, figures and the model.
+          splits: DatasetSplits | None = None) -> TrainResult:
+    """Train one model from ``config``; log its params, tags and per-epoch metrics.
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's validation (Optuna reports and prunes
-    there; an exception it raises stops training and propagates).
+    there; an exception it raises stops training and propagates). The returned model is the
+    best checkpoint by validation loss; record it with ``pipelines.record.record_run``.
     """
     device = resolve_device(config.execution)
+    configure_threads(config.execution)
+    keep_freed_memory()
     determinism = configure_determinism(is_deterministic(config.execution, device))
     seeds = seed_everything(config.execution.seed)
     splits = splits or load_splits(config.data, device)
@@ -141,6 +157,7 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
     if logger:
         logger.log_params(flatten(config))
         logger.set_tags(run_tags(config, device))
+        log_dataset(logger, config, splits)
 
     history: list[dict] = []
     best_val, best_epoch, best_state, stale = math.inf, 0, None, 0
@@ -181,32 +198,8 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
             break
 
     model.load_state_dict(best_state)
-    test_terms = evaluate_split(model, splits.test, batcher, config, device)
-    test_metrics = {f"test/{k}": v for k, v in test_terms.items()}
-    result = TrainResult(model=model, splits=splits, history=history, best_epoch=best_epoch,
-                         best_val_loss=best_val, test_metrics=test_metrics, stopped_early=stopped_early,
-                         device=device, seeds=seeds, determinism=determinism)
     if logger:
-        logger.log_metrics({**test_metrics, "best_epoch": best_epoch, "best_val_loss": best_val},
-                           step=best_epoch)
-        if log_artifacts:
-            log_run_artifacts(logger, result, config, batcher)
-    return result
-
-
-def log_run_artifacts(logger: RunLogger, result: TrainResult, config: RunConfig, batcher: Batcher) -> None:
-    # Imported here: pipelines.evaluate imports this module.
-    from pipelines.evaluate import log_training_evaluation
-    from pipelines.manifest import log_manifest
-    from pipelines.model_io import log_model
-    from pipelines.run_figures import figure_builders
-
-    with torch.no_grad():
-        for path, draw in figure_builders(result.model, result.splits, batcher, result.history,
-                                          preset=config.preset).items():
-            logger.log_figure(draw(), path)
-    log_training_evaluation(logger, result.model, result.splits, batcher, config, step=result.best_epoch)
-    info = log_model(logger, result.model, config)
-    result.model_uri, result.model_id = info.model_uri, info.model_id
-    logger.set_tags({"model_uri": info.model_uri})
-    log_manifest(logger, config, result)
+        logger.log_metrics({"best_epoch": best_epoch, "best_val_loss": best_val}, step=best_epoch)
+    return TrainResult(model=model, splits=splits, batcher=batcher, history=history, best_epoch=best_epoch,
+                       best_val_loss=best_val, stopped_early=stopped_early, device=device, seeds=seeds,
+                       determinism=determinism)

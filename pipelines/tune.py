@@ -6,11 +6,12 @@ several processes on one storage share the work. Tracking of trials lives in ``t
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import mlflow
 import optuna
@@ -24,6 +25,9 @@ from pipelines.config import RunConfig, flatten, with_overrides
 from pipelines.data import DataUnavailableError, DatasetSplits, load_splits
 from pipelines.execution import resolve_device
 from pipelines.tracking import RunLogger, resolve_experiment_id
+from pipelines.chosen_trials import chosen_trials, record_chosen_trials
+from pipelines.record import FULL, TRIAL, record_run
+from pipelines.run_description import name_trial
 from pipelines.train import NonFiniteLossError, TrainResult, train
 from pipelines.tune_tracking import (close_abandoned_trial, close_stale_trial, local_stores_lock, summarise_study,
                                      trial_run)
@@ -36,8 +40,13 @@ HEARTBEAT_GRACE_S = 120  # a running trial silent this long belongs to a dead wo
 SAMPLERS = ("auto", "tpe", "random", "cmaes", "nsga2", "bruteforce")
 PRUNERS = ("median", "hyperband", "none")
 # Objective name -> the per-epoch validation metric it is read from (None: not a per-epoch quantity).
+# Values are comparable across trials only under one likelihood and one conditioning (README:
+# Units); the `architectures` space makes both the study's. `nll`/`neg_elbo` is recon + KL at
+# beta = 1, comparable across beta; it bounds -log p(x) (or -log p(x|y)) only for the exact
+# likelihood kinds (run tag likelihood_kind), and is a cross-entropy or density bound otherwise.
 OBJECTIVES = {
-    "nll": "val/neg_elbo",  # recon + KL at beta = 1: an upper bound on the NLL, comparable across beta
+    "nll": "val/neg_elbo",  # the historical name of neg_elbo, kept so existing studies resume
+    "neg_elbo": "val/neg_elbo",
     "loss": "val/loss",  # the training objective recon + beta * KL, at the trial's own beta
     "recon": "val/recon",
     "kl": "val/kl",
@@ -47,7 +56,12 @@ OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 # Failures that end one trial (FAIL) while the study goes on; anything else is a bug and stops it.
 TRIAL_FAILURES = (NonFiniteLossError, OUT_OF_MEMORY)
 OBJECTIVES_ATTR = "objectives"
+SAMPLER_SEED_ATTR = "sampler_seed"
 DEFAULT_TRIALS = 20
+# What every trial records: "best" keeps params, per-epoch metrics, objective values, the model and the
+# manifest, and gives figures, test metrics, evaluation and the generator to the chosen trials only;
+# "all" records everything for every trial.
+TRIAL_ARTIFACTS = ("best", "all")
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,8 @@ class StudySettings:
     timeout: float | None = None  # seconds
     register_as: str = ""  # registered model name; "" registers nothing
     heartbeat_grace_s: int = HEARTBEAT_GRACE_S
+    trial_artifacts: str = "best"
+    workers: int = 1  # worker processes this invocation starts on the study
 
     def __post_init__(self):
         require(bool(self.name.strip()), "study", self.name, "a non-empty study name")
@@ -85,6 +101,8 @@ class StudySettings:
         require(self.n_trials is None or self.n_trials >= 1, "n_trials", self.n_trials, "an integer >= 1")
         require(self.timeout is None or self.timeout > 0, "timeout", self.timeout, "a number of seconds > 0")
         require(self.heartbeat_grace_s >= 2, "heartbeat_grace", self.heartbeat_grace_s, "an integer >= 2 (seconds)")
+        require_choice("trial_artifacts", self.trial_artifacts, TRIAL_ARTIFACTS)
+        require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
 
     @property
     def multi_objective(self) -> bool:
@@ -158,15 +176,66 @@ def _sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
 
 
+def trial_seed(sampler_seed: int, trial_number: int) -> int:
+    """The seed of one trial's sampling: a hash of the study's sampler seed and the trial number.
+
+    Trial numbers are handed out by the storage, once each, so concurrent workers never draw
+    with the same seed (a seed per worker plus a count of trials seen collides as soon as two
+    workers start at different times), and a resumed study never replays its first draws.
+    """
+    digest = hashlib.sha256(f"{sampler_seed}:{trial_number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class PerTrialSeededSampler(optuna.samplers.BaseSampler):
+    """Delegates to a fresh sampler for every trial, seeded by ``trial_seed``.
+
+    Optuna's samplers keep what they learn in the storage (TPE and random keep nothing else,
+    CMA-ES and NSGA-II their state in system attributes), so a new instance per trial loses
+    nothing but the shared random stream that made workers repeat each other.
+    """
+
+    def __init__(self, factory: Callable[[int], optuna.samplers.BaseSampler], sampler_seed: int):
+        self._factory = factory
+        self.sampler_seed = sampler_seed
+        self._inner = factory(sampler_seed)
+
+    def __str__(self) -> str:
+        return f"{type(self._inner).__name__} (seeded per trial from {self.sampler_seed})"
+
+    def before_trial(self, study, trial) -> None:
+        self._inner = self._factory(trial_seed(self.sampler_seed, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
 def build_sampler(settings: StudySettings, seed: int) -> optuna.samplers.BaseSampler:
     kind = settings.sampler
     if kind == "auto":
         kind = "nsga2" if settings.multi_objective else "tpe"
-    # Optuna still labels TPE's `group` and the brute-force sampler experimental; the warning
-    # would only alarm users.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return _sampler(kind, seed)
+
+    def make(trial_seed_value: int) -> optuna.samplers.BaseSampler:
+        # Optuna still labels TPE's `group` and the brute-force sampler experimental; the warning
+        # would only alarm users.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _sampler(kind, trial_seed_value)
+
+    return PerTrialSeededSampler(make, seed)
 
 
 def build_pruner(settings: StudySettings, base: RunConfig) -> optuna.pruners.BasePruner:
@@ -178,11 +247,11 @@ def build_pruner(settings: StudySettings, base: RunConfig) -> optuna.pruners.Bas
                                        n_warmup_steps=settings.pruner_warmup_epochs)
 
 
-def prepare_study(settings: StudySettings, base: RunConfig, experiment: str | None) -> tuple[optuna.Study, int]:
+def prepare_study(settings: StudySettings, base: RunConfig, experiment: str | None) -> optuna.Study:
     """Create or load the study, and make sure the MLflow experiment exists, before any run opens.
 
-    Returns the study, with its sampler and pruner, and the sampler's seed. An unreachable storage
-    fails here with a ``ConfigError``, so bad input leaves nothing behind.
+    Returns the study with its sampler and pruner. An unreachable storage fails here with a
+    ``ConfigError``, so bad input leaves nothing behind.
     """
     with local_stores_lock([settings.storage, mlflow.get_tracking_uri()]):
         try:
@@ -205,11 +274,9 @@ def prepare_study(settings: StudySettings, base: RunConfig, experiment: str | No
     elif tuple(recorded) != settings.objectives:
         raise ConfigError(f"objectives={','.join(settings.objectives)!r} is not valid for study "
                           f"{settings.name!r}, which optimises {','.join(recorded)}; use those or a new study name")
-    # Seeded by the study's size too, so a resumed study does not replay its first random trials.
-    sampler_seed = settings.sampler_seed + len(study.trials)
-    study.sampler = build_sampler(settings, sampler_seed)
+    study.sampler = build_sampler(settings, settings.sampler_seed)
     study.pruner = build_pruner(settings, base)
-    return study, sampler_seed
+    return study
 
 
 def parameter_count(result: TrainResult) -> int:
@@ -278,11 +345,14 @@ class TrialObjective:
         with trial_run(self.parent.client, self.parent.run_id, self.settings.name, trial) as logger:
             try:
                 config = with_overrides(self.base, self.space(trial, self.base))
+                name_trial(logger, trial.number, config)
                 logger.log_params({f"trial.{k}": v for k, v in trial.params.items()})
                 same_data = config.data == self.base.data and config.execution.device == self.base.execution.device
+                trial.set_user_attr(SAMPLER_SEED_ATTR, trial_seed(self.settings.sampler_seed, trial.number))
                 result = train(config, logger, on_epoch=self._report(trial, config.optim.epochs),
                                splits=self.splits if same_data else None)
                 values = objective_values(self.settings.objectives, result)
+                record_run(logger, result, config, FULL if self.settings.trial_artifacts == "all" else TRIAL)
             except TRIAL_FAILURES as error:
                 trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
                 if isinstance(error, OUT_OF_MEMORY) and torch.cuda.is_available():
@@ -293,32 +363,65 @@ class TrialObjective:
         return values[0] if len(values) == 1 else values
 
 
-def study_params(settings: StudySettings, sampler_seed: int) -> dict[str, object]:
+def study_params(settings: StudySettings) -> dict[str, object]:
     return {"study.name": settings.name, "study.storage": display_url(settings.storage),
             "study.space": settings.space, "study.objectives": ",".join(settings.objectives),
-            "study.sampler": settings.sampler, "study.sampler_seed": sampler_seed,
+            "study.sampler": settings.sampler, "study.sampler_seed": settings.sampler_seed,
             "study.pruner": settings.pruner if settings.prunes else "none",
-            "study.n_trials": settings.n_trials or "", "study.timeout": settings.timeout or ""}
+            "study.n_trials": settings.n_trials or "", "study.timeout": settings.timeout or "",
+            "study.workers": settings.workers, "study.trial_artifacts": settings.trial_artifacts}
 
 
-def run_study(study: optuna.Study, settings: StudySettings, space: SearchSpace, base: RunConfig,
-              parent: RunLogger, sampler_seed: int) -> None:
-    """Run this process's trials, then summarise the study in the parent run (also after Ctrl-C)."""
+def note_pruning(settings: StudySettings) -> None:
     if settings.multi_objective and settings.pruner != "none":
         print(f"note: pruner {settings.pruner!r} is off: a multi-objective study cannot prune "
               "(Optuna reports intermediate values for one objective only)", flush=True)
-    parent.log_params({**study_params(settings, sampler_seed),
-                       **{f"base.{k}": v for k, v in flatten(base).items()}})
-    splits = load_splits(base.data, resolve_device(base.execution))
+
+
+def log_study_params(parent: RunLogger, settings: StudySettings, base: RunConfig) -> None:
+    parent.log_params({**study_params(settings), **{f"base.{k}": v for k, v in flatten(base).items()}})
+
+
+def run_trials(study: optuna.Study, settings: StudySettings, space: SearchSpace, base: RunConfig,
+               parent: RunLogger, n_trials: int | None, splits: DatasetSplits | None = None) -> DatasetSplits:
+    """Run this process's trials as children of ``parent``; return the data they shared.
+
+    Ctrl-C (or SIGTERM) fails the running trial, closes its run KILLED and propagates.
+    """
+    splits = splits or load_splits(base.data, resolve_device(base.execution))
     objective = TrialObjective(settings, space, base, parent, splits)
-    n_trials = settings.n_trials or (None if settings.timeout else DEFAULT_TRIALS)
     try:
-        study.optimize(objective, n_trials=n_trials, timeout=settings.timeout, catch=TRIAL_FAILURES,
-                       gc_after_trial=True)
+        # No gc_after_trial: a full collection over torch's and MLflow's objects took seconds per
+        # trial, and a trial's model and optimizer are freed by reference counting anyway.
+        study.optimize(objective, n_trials=n_trials, timeout=settings.timeout, catch=TRIAL_FAILURES)
     except KeyboardInterrupt:
-        print("interrupted: the running trial is marked failed; summarising the study so far", flush=True)
         if objective.current is not None:
             close_abandoned_trial(study, parent.client, objective.current)
-        summarise_study(study, parent, settings.objectives, settings.register_as or None)
         raise
-    summarise_study(study, parent, settings.objectives, settings.register_as or None)
+    return splits
+
+
+def conclude_study(study: optuna.Study, settings: StudySettings, base: RunConfig, parent: RunLogger,
+                   splits: DatasetSplits | None) -> None:
+    """From one snapshot of the trials: record the chosen trials in full, then summarise the study
+    in the parent run and register the best model, all about the same trials."""
+    trials = study.get_trials(deepcopy=False)
+    chosen = chosen_trials(trials, len(settings.objectives))
+    record_chosen_trials(parent.client, chosen, base, splits, resolve_device(base.execution))
+    summarise_study(study, parent, settings.objectives, settings.register_as or None, trials, chosen)
+
+
+def run_study(study: optuna.Study, settings: StudySettings, space: SearchSpace, base: RunConfig,
+              parent: RunLogger) -> None:
+    """Run this process's trials, then conclude the study in the parent run (also after Ctrl-C)."""
+    note_pruning(settings)
+    log_study_params(parent, settings, base)
+    n_trials = settings.n_trials or (None if settings.timeout else DEFAULT_TRIALS)
+    splits = None
+    try:
+        splits = run_trials(study, settings, space, base, parent, n_trials)
+    except KeyboardInterrupt:
+        print("interrupted: the running trial is marked failed; summarising the study so far", flush=True)
+        conclude_study(study, settings, base, parent, splits)
+        raise
+    conclude_study(study, settings, base, parent, splits)

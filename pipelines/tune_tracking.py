@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.entities.model_registry import ModelVersion
 from optuna.trial import FrozenTrial, TrialState
 
+from pipelines.run_description import describe_study
 from pipelines.liveness import heartbeat
 from pipelines.tracking import RunLogger, end_run_for, start_run
 
@@ -190,12 +191,14 @@ def register_best_model(client: MlflowClient, name: str, trial: FrozenTrial, stu
 
 
 def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence[str],
-                    register_as: str | None) -> None:
+                    register_as: str | None, trials: Sequence[FrozenTrial], chosen: Sequence[FrozenTrial]) -> None:
     """What the parent run keeps: trial counts, the trials table, the best result, plots, the model.
 
-    Counts and tables cover the whole study, including trials of earlier or parallel invocations.
+    ``trials`` is one snapshot of the study and ``chosen`` the best trial (or the Pareto front)
+    decided from it: the best value, the best params and the registered model all come from
+    there, even while parallel workers go on adding trials. Counts and tables cover the whole
+    study, including trials of earlier or parallel invocations.
     """
-    trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state.name for t in trials)
     logger.log_metrics({f"trials_{state.lower()}": counts.get(state, 0)
                         for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}, step=0)
@@ -203,16 +206,17 @@ def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         print("note: no trial completed yet; no best trial, plots or model", flush=True)
+        describe_study(logger, study.study_name, objectives, trials, chosen)
         return
 
     if len(objectives) == 1:
-        best = study.best_trial
+        best = chosen[0]
         logger.log_metrics({"best_value": best.value}, step=0)
         logger.log_params({f"best.{k}": v for k, v in best.params.items()})
         logger.set_tags({"best_trial_number": best.number, "best_run_id": best.user_attrs.get(RUN_ID_ATTR, "")})
         print(f"best trial {best.number}: {objectives[0]} {best.value:.4f}  {best.params}", flush=True)
     else:
-        front = sorted(study.best_trials, key=lambda t: t.number)
+        front = sorted(chosen, key=lambda t: t.number)
         table = study.trials_dataframe()
         logger.log_text(table[table["number"].isin([t.number for t in front])].to_csv(index=False),
                         "pareto_front.csv")
@@ -226,10 +230,12 @@ def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence
     if len(objectives) > 1:
         print("note: a multi-objective study has no single best model; pick one from the Pareto front "
               "(pareto_front.csv) and register it with `mlflow.register_model`", flush=True)
+        describe_study(logger, study.study_name, objectives, trials, chosen)
         return
     if register_as:
-        version = register_best_model(logger.client, register_as, study.best_trial, study.study_name)
+        version = register_best_model(logger.client, register_as, chosen[0], study.study_name)
         if version is not None:
             logger.set_tags({"registered_model": f"models:/{register_as}@{BEST_ALIAS}",
                              "registered_model_version": version.version})
             print(f"registered models:/{register_as}@{BEST_ALIAS} (version {version.version})", flush=True)
+    describe_study(logger, study.study_name, objectives, trials, chosen)

@@ -6,6 +6,7 @@ import torch
 
 from pipelines.config import RunConfig, with_overrides
 from pipelines.manifest import result_metrics, weights_sha256
+from pipelines.record import held_out_test_metrics
 
 TINY = {"data.dataset": "fashion-mnist", "data.limit_train": 600, "data.val_size": 200,
         "data.limit_test": 200, "model.hidden": "64,32", "optim.epochs": 2, "execution.device": "cpu"}
@@ -21,7 +22,7 @@ def runs(data_dir):
         patch.setenv("CVAE_OFFLINE", "1")
         base = with_overrides(RunConfig(), TINY)
         return {"first": train(base), "again": train(base),
-                "other_seed": train(with_overrides(base, {"execution.seed": 1}))}
+                "other_seed": train(with_overrides(base, {"execution.seed": 1})), "config": base}
 
 
 def test_deterministic_is_the_default_on_cpu(runs):
@@ -38,7 +39,8 @@ def test_same_seed_gives_bitwise_identical_weights_and_metrics(runs):
     for name in first:
         assert torch.equal(first[name], again[name]), name
     assert weights_sha256(first) == weights_sha256(again)
-    assert result_metrics(runs["first"]) == result_metrics(runs["again"])
+    assert result_metrics(runs["first"], {}) == result_metrics(runs["again"], {})
+    assert held_out_test_metrics(runs["first"], runs["config"]) == held_out_test_metrics(runs["again"], runs["config"])
     timing_free = [{k: v for k, v in row.items() if k not in ("epoch_time_s", "examples_per_s")}
                    for row in runs["first"].history]
     assert timing_free == [{k: v for k, v in row.items() if k not in ("epoch_time_s", "examples_per_s")}
@@ -49,4 +51,4 @@ def test_different_seed_gives_different_weights_and_metrics(runs):
     first, other = runs["first"].model.state_dict(), runs["other_seed"].model.state_dict()
     assert all(not torch.equal(first[name], other[name]) for name in first if first[name].is_floating_point())
     assert weights_sha256(first) != weights_sha256(other)
-    assert runs["first"].test_metrics["test/loss"] != runs["other_seed"].test_metrics["test/loss"]
+    assert runs["first"].best_val_loss != runs["other_seed"].best_val_loss

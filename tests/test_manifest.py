@@ -1,6 +1,7 @@
 """The manifest every training run logs: what it holds, and that it matches what was logged."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.metadata
 import json
@@ -27,6 +28,7 @@ def logged(tmp_path_factory, data_dir):
     import mlflow
     from mlflow import MlflowClient
 
+    from pipelines.record import FULL, record_run
     from pipelines.tracking import entry_point_run
     from pipelines.train import train
 
@@ -44,8 +46,9 @@ def logged(tmp_path_factory, data_dir):
         try:
             with entry_point_run("manifest") as logger:
                 result = train(config, logger)
+                recorded = record_run(logger, result, config, FULL)
             yield SimpleNamespace(client=client, run_id=logger.run_id, result=result, config=config,
-                                  manifest=load_manifest(client, logger.run_id))
+                                  recorded=recorded, manifest=load_manifest(client, logger.run_id))
         finally:
             mlflow.set_tracking_uri(previous)
 
@@ -71,8 +74,8 @@ def test_manifest_holds_code_version_and_data_checksums(logged):
     data = manifest["data"]
     assert data["dataset"] == "fashion-mnist" and data["split_seed"] == 0
     assert data["sizes"] == {"train": 600, "val": 200, "test": 200}
-    for name, checksum in data["source_files_sha256"].items():
-        with open(f"{FASHION_DIR}/{name}", "rb") as handle:
+    for name, checksum in data["source_files_sha256"].items():  # of the IDX bytes read, not of the archive
+        with gzip.open(f"{FASHION_DIR}/{name}.gz", "rb") as handle:
             assert hashlib.sha256(handle.read()).hexdigest() == checksum, name
     assert len(data["source_files_sha256"]) == 4
 
@@ -107,7 +110,7 @@ def test_a_dirty_tree_logs_its_diff(logged, monkeypatch, tmp_path):
     monkeypatch.setattr(manifest_module, "git_commit", lambda: ("0" * 40, True))
     monkeypatch.setattr(manifest_module, "git_diff", lambda: diff)
     run_id = logged.client.create_run(logged.client.get_run(logged.run_id).info.experiment_id).info.run_id
-    manifest = log_manifest(RunLogger(run_id, logged.client), logged.config, logged.result)
+    manifest = log_manifest(RunLogger(run_id, logged.client), logged.config, logged.result, logged.recorded)
     assert manifest["code"] == {"git_commit": "0" * 40, "git_dirty": True, "diff_artifact": DIFF_FILE,
                                 "diff_sha256": hashlib.sha256(diff.encode()).hexdigest()}
     path = logged.client.download_artifacts(run_id, DIFF_FILE, str(tmp_path))
@@ -117,7 +120,7 @@ def test_a_dirty_tree_logs_its_diff(logged, monkeypatch, tmp_path):
 
     monkeypatch.setattr(manifest_module, "git_commit", lambda: ("0" * 40, False))
     clean_run = logged.client.create_run(logged.client.get_run(logged.run_id).info.experiment_id).info.run_id
-    log_manifest(RunLogger(clean_run, logged.client), logged.config, logged.result)
+    log_manifest(RunLogger(clean_run, logged.client), logged.config, logged.result, logged.recorded)
     assert {f.path for f in logged.client.list_artifacts(clean_run)} == {MANIFEST_FILE}
 
 

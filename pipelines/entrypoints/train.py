@@ -11,6 +11,7 @@ from pipelines.data import check_available
 from pipelines.entrypoints.common import add_run_arguments, run_main
 from pipelines.execution import resolve_device
 from pipelines.presets import preset_names
+from pipelines.run_description import run_name
 from pipelines.tracking import entry_point_run
 
 
@@ -36,13 +37,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     resolve_device(config.execution)
     check_available(config.data)
-    from pipelines.train import train  # heavy imports only once the input is known to be good
+    # Heavy imports only once the input is known to be good.
+    from pipelines.record import FULL, record_run
+    from pipelines.train import train
 
-    with entry_point_run(args.experiment, args.run_name) as logger:
+    with entry_point_run(args.experiment, args.run_name or run_name(config)) as logger:
         result = train(config, logger)
+        recorded = record_run(logger, result, config, FULL)
     print(f"run {logger.run_id}: best epoch {result.best_epoch}, "
-          + ", ".join(f"{k} {v:.3f}" for k, v in result.test_metrics.items())
-          + f"; model {result.model_uri}")
+          + ", ".join(f"{k} {v:.3f}" for k, v in recorded.metrics.items() if "/kl_dim_" not in k)
+          + f"; model {recorded.model_uri}")
     return 0
 
 

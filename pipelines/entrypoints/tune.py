@@ -6,15 +6,18 @@ configuration for every trial; the search space overrides the rest.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 from pipelines.config_cli import add_config_arguments, config_from_args
 from pipelines.data import check_available
 from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
 from pipelines.execution import resolve_device
-from pipelines.tracking import entry_point_run
+from pipelines.tracking import RunLogger, entry_point_run
 from pipelines.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, HEARTBEAT_GRACE_S, OBJECTIVES, PRUNERS, SAMPLERS,
-                            StudySettings, prepare_study, run_study)
+                            TRIAL_ARTIFACTS, StudySettings, conclude_study, log_study_params, note_pruning,
+                            prepare_study, run_study, run_trials)
+from pipelines.workers import WORKER_INDEX_FLAG, WORKER_OF_FLAG, plan_workers, run_workers
 from search_spaces import resolve_space, space_names
 
 NO_REGISTRATION = "none"
@@ -52,11 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(study, "register_as", default="",
           help=f"registered model name for the best trial's model, alias @best (default: the study name; "
                f"'{NO_REGISTRATION}' registers nothing)")
+    _flag(study, "workers", default="1",
+          help="worker processes this command starts on the study (each CPU worker gets cores / workers "
+               "threads unless --threads is given; GPUs are shared out among them); --n-trials is their total")
+    _flag(study, "trial_artifacts", default="best",
+          help=f"{', '.join(TRIAL_ARTIFACTS)}: every trial keeps its metrics, model and manifest; 'best' gives "
+               "test metrics, figures, evaluation and the generator to the chosen trial(s) only, 'all' to every trial")
     _flag(study, "heartbeat_grace", default="",
           help=f"seconds without a heartbeat after which another worker fails a running trial "
                f"(default {HEARTBEAT_GRACE_S}; database storages only)")
     add_run_arguments(study, run_name_help="name of the parent MLflow run (default: the study name)")
     _flag(study, "list_spaces", action="store_true", help="print the search space names and exit")
+    # Set by `--workers N` on the worker processes it starts: the parent run they report to.
+    study.add_argument(WORKER_OF_FLAG, dest="worker_of", default="", help=argparse.SUPPRESS)
+    study.add_argument(WORKER_INDEX_FLAG, dest="worker_index", default="0", help=argparse.SUPPRESS)
     add_config_arguments(parser)
     return parser
 
@@ -72,10 +84,13 @@ def settings_from_args(args: argparse.Namespace, seed: int) -> StudySettings:
         pruner_warmup_epochs=number_option("pruner_warmup_epochs", args.pruner_warmup_epochs, int, 0),
         n_trials=number_option("n_trials", args.n_trials, int), timeout=number_option("timeout", args.timeout, float),
         register_as="" if register_as == NO_REGISTRATION else register_as,
-        heartbeat_grace_s=number_option("heartbeat_grace", args.heartbeat_grace, int, HEARTBEAT_GRACE_S))
+        heartbeat_grace_s=number_option("heartbeat_grace", args.heartbeat_grace, int, HEARTBEAT_GRACE_S),
+        trial_artifacts=(args.trial_artifacts or "best").strip(),
+        workers=number_option("workers", args.workers, int, 1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.list_spaces:
         print("\n".join(space_names()))
@@ -85,11 +100,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     space = resolve_space(settings.space)
     resolve_device(base.execution)
     check_available(base.data)
-    study, sampler_seed = prepare_study(settings, base, args.experiment)
+    study = prepare_study(settings, base, args.experiment)
+    if args.worker_of:
+        return run_as_worker(study, settings, space, base, args.worker_of, args.worker_index)
     with entry_point_run(args.experiment, args.run_name or settings.name, tags={"study": settings.name}) as parent:
         print(f"study {settings.name!r}: {len(study.trials)} trials so far; parent run {parent.run_id}", flush=True)
-        run_study(study, settings, space, base, parent, sampler_seed)
+        if settings.workers == 1:
+            run_study(study, settings, space, base, parent)
+            return 0
+        failed = coordinate_workers(study, settings, base, parent, argv)
+    if failed:
+        print(f"error: workers {', '.join(map(str, failed))} of {settings.workers} exited with an error; "
+              "see their output above", file=sys.stderr)
+        return 1
     return 0
+
+
+def run_as_worker(study, settings: StudySettings, space, base, parent_run_id: str, index: str) -> int:
+    """One of the processes `--workers N` started: run trials under the shared parent run; the
+    coordinating process concludes the study."""
+    print(f"worker {index}: study {settings.name!r}, {settings.n_trials or 'unlimited'} trials", flush=True)
+    run_trials(study, settings, space, base, RunLogger(parent_run_id), settings.n_trials)
+    return 0
+
+
+def coordinate_workers(study, settings: StudySettings, base, parent: RunLogger, argv: list[str]) -> list[int]:
+    """Start the workers, wait for them, conclude the study; return the indices of failed workers."""
+    note_pruning(settings)
+    log_study_params(parent, settings, base)
+    n_trials = settings.n_trials or (None if settings.timeout else DEFAULT_TRIALS)
+    plans = plan_workers(base, settings.workers, n_trials)
+    try:
+        codes = run_workers(argv, plans, parent.run_id)
+    except KeyboardInterrupt:
+        print("interrupted: workers stopped; summarising the study so far", flush=True)
+        conclude_study(study, settings, base, parent, None)
+        raise
+    conclude_study(study, settings, base, parent, None)
+    return [plan.index for plan, code in zip(plans, codes) if code != 0]
 
 
 if __name__ == "__main__":

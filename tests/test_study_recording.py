@@ -1,0 +1,191 @@
+"""What a study records per trial and for its chosen trial, and studies run by several workers.
+
+Trials keep params, per-epoch metrics, objective values, a reloadable model and the manifest;
+the chosen trial also gets test metrics, figures, evaluation and the generator; `--workers N`
+starts N processes on the study, each with its share of the CPU, and no two draw the same trial.
+"""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pipelines.config import RunConfig, with_overrides
+from pipelines.record import BEST_TRIAL, DETAIL_TAG, FULL, TRIAL
+from pipelines.reproduce import AGREES
+from pipelines.tune import trial_seed
+from pipelines.workers import divide_trials, plan_workers, worker_command
+from conftest import TINY_DATA, assert_no_running, make_store
+
+TUNE = "pipelines.entrypoints.tune"
+REPRODUCE = "pipelines.entrypoints.reproduce"
+PARENT_TAG = "mlflow.parentRunId"
+SMOKE = ["--space", "smoke", "--epochs", "1", "--device", "cpu", *TINY_DATA]
+
+
+def storage_url(store) -> str:
+    return f"sqlite:///{store.root / 'optuna.db'}"
+
+
+def run_study(store, name: str, *extra: str):
+    done = store.cli(TUNE, *SMOKE, "--study", name, "--storage", storage_url(store), *extra)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=storage_url(store))
+    runs = {r.info.run_id: r for r in store.runs()}
+    parents = [r for r in runs.values() if PARENT_TAG not in r.data.tags and r.data.tags.get("study") == name]
+    return study, runs, parents, done
+
+
+def artifact_paths(client, run_id: str, path: str = "") -> set[str]:
+    paths = set()
+    for item in client.list_artifacts(run_id, path or None):
+        paths |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return paths
+
+
+@pytest.fixture(scope="module")
+def default_study(tmp_path_factory, data_dir):
+    """Four smoke trials with the default recording (`--trial-artifacts best`)."""
+    store = make_store(tmp_path_factory.mktemp("study-recording"), data_dir)
+    study, runs, parents, _ = run_study(store, "light", "--n-trials", "4", "--pruner", "none",
+                                        "--register-as", "light-model")
+    return store, study, runs, parents
+
+
+@pytest.mark.slow
+def test_every_trial_keeps_metrics_manifest_and_a_reloadable_model(default_study):
+    store, study, runs, _ = default_study
+    client = store.client
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4
+    mlflow.set_tracking_uri(store.uri)
+    for trial in complete:
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1]
+        assert run.data.metrics["objective/nll"] == pytest.approx(trial.value)
+        assert "manifest.json" in artifact_paths(client, run.info.run_id)
+        model = mlflow.pytorch.load_model(run.data.tags["model_uri"], map_location="cpu")
+        assert sum(p.numel() for p in model.parameters()) > 0
+        assert trial.user_attrs["sampler_seed"] == trial_seed(0, trial.number)
+
+
+@pytest.mark.slow
+def test_only_the_best_trial_gets_test_metrics_figures_evaluation_and_generator(default_study):
+    store, study, runs, (parent,) = default_study
+    client = store.client
+    best = study.best_trial
+    for trial in study.trials:
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        paths = artifact_paths(client, run.info.run_id)
+        has_test = any(name.startswith("test/") for name in run.data.metrics)
+        if trial.number == best.number:
+            assert run.data.tags[DETAIL_TAG] == BEST_TRIAL.name
+            assert {"test/loss", "test/neg_elbo", "test/iwae_nll_k10", "test/active_units"} <= set(run.data.metrics)
+            assert {"figures/loss_curves.png", "figures/latent_scatter_test.png"} <= paths
+            assert run.data.tags["generator_model_uri"].startswith("models:/")
+        else:
+            assert run.data.tags[DETAIL_TAG] == TRIAL.name
+            assert not has_test, "trials are compared on validation; the test set is for the chosen one"
+            assert not any(p.startswith("figures/") for p in paths)
+            assert "generator_model_uri" not in run.data.tags
+    assert parent.data.tags["best_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert parent.data.metrics["best_value"] == best.value
+    version = client.get_model_version_by_alias("light-model", "best")
+    assert version.source == runs[best.user_attrs["mlflow_run_id"]].data.tags["model_uri"]
+    assert_no_running(store)
+
+
+@pytest.mark.slow
+def test_a_trial_that_was_not_chosen_still_reproduces_bitwise(default_study):
+    store, study, runs, _ = default_study
+    other = next(t for t in study.trials if t.number != study.best_trial.number)
+    run_id = other.user_attrs["mlflow_run_id"]
+    done = store.cli(REPRODUCE, "--run-id", run_id)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (rerun,) = store.runs(f"tags.reproduces = '{run_id}'")
+    assert rerun.data.tags["reproduction_verdict"] == AGREES
+    assert rerun.data.metrics["reproduction/max_abs_weight_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_trial_artifacts_all_records_everything_for_every_trial(store):
+    study, runs, _, _ = run_study(store, "full", "--n-trials", "2", "--pruner", "none", "--trial-artifacts", "all",
+                                  "--register-as", "none")
+    client = store.client
+    for trial in study.trials:
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags[DETAIL_TAG] == FULL.name
+        assert "test/loss" in run.data.metrics and "generator_model_uri" in run.data.tags
+        assert "figures/reconstructions.png" in artifact_paths(client, run.info.run_id)
+
+
+@pytest.mark.slow
+def test_workers_started_by_one_command_share_the_cpu_and_never_repeat_a_trial(store):
+    study, runs, parents, done = run_study(store, "pool", "--workers", "2", "--n-trials", "4", "--pruner", "none",
+                                           "--register-as", "none")
+    assert "worker 0:" in done.stdout and "worker 1:" in done.stdout
+    assert len(parents) == 1, "the workers report to the one parent run of the command"
+    (parent,) = parents
+    trials = study.trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    children = [r for r in runs.values() if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
+    assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in trials)
+    for child in children:
+        assert child.data.params["execution.threads"] == "1", "2 cores shared by 2 workers"
+    drawn = [json.dumps(t.params, sort_keys=True) for t in trials]
+    assert len(set(drawn)) == len(drawn), f"workers repeated each other's trials: {drawn}"
+    best = min(trials, key=lambda t: t.value)
+    assert parent.data.tags["best_trial_number"] == str(best.number)
+    assert runs[best.user_attrs["mlflow_run_id"]].data.tags[DETAIL_TAG] == BEST_TRIAL.name
+    assert_no_running(store)
+
+
+def test_trial_seeds_differ_for_every_trial_and_depend_on_the_study_seed():
+    seeds = {trial_seed(0, n) for n in range(1000)}
+    assert len(seeds) == 1000
+    assert trial_seed(1, 0) != trial_seed(0, 0) and trial_seed(0, 5) == trial_seed(0, 5)
+
+
+def test_two_samplers_with_the_same_seed_draw_differently_for_different_trials():
+    """The old scheme (seed + trials seen) made a late-starting worker replay another's draws."""
+    from pipelines.tune import StudySettings, build_sampler
+
+    study = optuna.create_study(sampler=build_sampler(StudySettings(sampler="random"), 1))
+    drawn = [study.ask().suggest_float("x", 0, 1) for _ in range(20)]
+    assert len(set(drawn)) == 20
+    again = optuna.create_study(sampler=build_sampler(StudySettings(sampler="random"), 1))
+    assert [again.ask().suggest_float("x", 0, 1) for _ in range(20)] == drawn, "still reproducible"
+
+
+def test_trials_are_divided_exactly_between_workers():
+    assert divide_trials(10, 4) == [3, 3, 2, 2]
+    assert divide_trials(None, 3) == [None, None, None]
+    assert sum(divide_trials(7, 3)) == 7
+
+
+@pytest.mark.parametrize("device, threads, cpus, gpus, expected", [
+    ("cpu", 0, 16, 0, [(None, 4)] * 4),  # cores / workers each
+    ("cpu", 3, 16, 0, [(None, None)] * 4),  # `threads` given: kept
+    ("auto", 0, 16, 2, [("cuda:0", 4), ("cuda:1", 4), ("cuda:0", 4), ("cuda:1", 4)]),  # spread over GPUs
+    ("cuda:1", 0, 16, 2, [(None, 4)] * 4),  # a device named by the user is kept
+    ("cpu", 0, 2, 0, [(None, 1)] * 4),  # never below one thread
+])
+def test_workers_get_their_share_of_cores_and_gpus(device, threads, cpus, gpus, expected):
+    base = with_overrides(RunConfig(), {"execution.device": device, "execution.threads": threads})
+    plans = plan_workers(base, 4, 8, cpu_count=cpus, gpu_count=gpus)
+    assert [(p.device, p.threads) for p in plans] == expected
+    assert [p.n_trials for p in plans] == [2, 2, 2, 2]
+
+
+def test_a_worker_command_keeps_the_users_flags_and_adds_its_own_last():
+    (plan,) = plan_workers(with_overrides(RunConfig(), {"execution.device": "cpu"}), 1, 3, cpu_count=2, gpu_count=0)
+    command = worker_command(["--space", "smoke", "--workers", "2"], plan, "parent123")
+    assert command[1:3] == ["-m", TUNE]
+    # argparse keeps the last of a repeated flag: the worker's own settings win over the user's.
+    assert command[3:] == ["--space", "smoke", "--workers", "2", "--workers", "1", "--worker-of", "parent123",
+                           "--worker-index", "0", "--n-trials", "3", "--threads", "2"]
