@@ -9,7 +9,7 @@ rows (the spec's setting, default 1000: about 16 MB of JSON); more get HTTP 400.
 
 It is logged as a "model from code": MLflow executes this file when it loads the model, so it
 imports only cvae, torch, numpy, pandas and mlflow, never the pipelines package, and needs no
-pickle. The weights travel as a state dict and the architecture as the pyfunc model_config.
+pickle. The weights travel as a state dict and the architecture as a JSON artifact (`spec`).
 """
 from __future__ import annotations
 
