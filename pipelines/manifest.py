@@ -26,8 +26,6 @@ from pipelines.train import TrainResult
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from pipelines.record import Recorded
-
 MANIFEST_FILE = "manifest.json"
 DIFF_FILE = "code.diff"
 MANIFEST_VERSION = 1
@@ -105,7 +103,8 @@ def code_version() -> tuple[dict, str]:
             "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if dirty else None}, diff
 
 
-def build_manifest(config: RunConfig, result: TrainResult, recorded: "Recorded", run_id: str | None = None,
+def build_manifest(config: RunConfig, result: TrainResult, recorded_metrics: Mapping[str, float],
+                   model_uri: str | None, model_id: str | None, run_id: str | None = None,
                    code: dict | None = None) -> dict:
     data = result.splits.summary()
     return {
@@ -129,21 +128,22 @@ def build_manifest(config: RunConfig, result: TrainResult, recorded: "Recorded",
         "environment": environment_description(result.device),
         "hardware": hardware_description(result.device),
         "results": {
-            "metrics": result_metrics(result, recorded.metrics),
+            "metrics": result_metrics(result, recorded_metrics),
             "weights_sha256": weights_sha256(result.model.state_dict()),
-            "model_uri": recorded.model_uri,
-            "model_id": recorded.model_id,
+            "model_uri": model_uri,
+            "model_id": model_id,
             "stopped_early": result.stopped_early,
         },
     }
 
 
-def log_manifest(logger: RunLogger, config: RunConfig, result: TrainResult, recorded: "Recorded") -> dict:
+def log_manifest(logger: RunLogger, config: RunConfig, result: TrainResult, recorded_metrics: Mapping[str, float],
+                 model_uri: str | None, model_id: str | None) -> dict:
     """Log ``manifest.json`` (and ``code.diff`` when the tree is dirty) to the logger's run."""
     code, diff = code_version()
     if code["git_dirty"]:
         logger.log_text(diff, DIFF_FILE)
-    manifest = build_manifest(config, result, recorded, logger.run_id, code)
+    manifest = build_manifest(config, result, recorded_metrics, model_uri, model_id, logger.run_id, code)
     logger.log_dict(manifest, MANIFEST_FILE)
     return manifest
 

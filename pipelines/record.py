@@ -100,7 +100,7 @@ def record_run(logger: RunLogger, result: TrainResult, config: RunConfig, detail
     if detail.generator:
         log_generator(logger, model, config)
     if detail.manifest:
-        log_manifest(logger, config, result, recorded)
+        log_manifest(logger, config, result, recorded.metrics, recorded.model_uri, recorded.model_id)
     logger.set_tags({DETAIL_TAG: detail.name})
     describe_run(logger, config, result, recorded.metrics)
     return recorded

@@ -11,7 +11,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import mlflow
 import optuna
@@ -31,7 +31,9 @@ from pipelines.run_description import name_trial
 from pipelines.train import NonFiniteLossError, TrainResult, train
 from pipelines.tune_tracking import (close_abandoned_trial, close_stale_trial, local_stores_lock, summarise_study,
                                      trial_run)
-from search_spaces import SearchSpace
+
+if TYPE_CHECKING:  # search spaces build on this layer; only their type is named here
+    from search_spaces import SearchSpace
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 JOURNAL_PREFIX = "journal:"

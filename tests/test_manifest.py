@@ -110,7 +110,8 @@ def test_a_dirty_tree_logs_its_diff(logged, monkeypatch, tmp_path):
     monkeypatch.setattr(manifest_module, "git_commit", lambda: ("0" * 40, True))
     monkeypatch.setattr(manifest_module, "git_diff", lambda: diff)
     run_id = logged.client.create_run(logged.client.get_run(logged.run_id).info.experiment_id).info.run_id
-    manifest = log_manifest(RunLogger(run_id, logged.client), logged.config, logged.result, logged.recorded)
+    manifest = log_manifest(RunLogger(run_id, logged.client), logged.config, logged.result, logged.recorded.metrics,
+                            logged.recorded.model_uri, logged.recorded.model_id)
     assert manifest["code"] == {"git_commit": "0" * 40, "git_dirty": True, "diff_artifact": DIFF_FILE,
                                 "diff_sha256": hashlib.sha256(diff.encode()).hexdigest()}
     path = logged.client.download_artifacts(run_id, DIFF_FILE, str(tmp_path))
@@ -120,7 +121,8 @@ def test_a_dirty_tree_logs_its_diff(logged, monkeypatch, tmp_path):
 
     monkeypatch.setattr(manifest_module, "git_commit", lambda: ("0" * 40, False))
     clean_run = logged.client.create_run(logged.client.get_run(logged.run_id).info.experiment_id).info.run_id
-    log_manifest(RunLogger(clean_run, logged.client), logged.config, logged.result, logged.recorded)
+    log_manifest(RunLogger(clean_run, logged.client), logged.config, logged.result, logged.recorded.metrics,
+                            logged.recorded.model_uri, logged.recorded.model_id)
     assert {f.path for f in logged.client.list_artifacts(clean_run)} == {MANIFEST_FILE}
 
 
