@@ -239,6 +239,13 @@ def _checked_sizes(config: DataConfig, files: dict[str, Path]) -> dict[str, int]
             "test": min(n_test, config.limit_test) if config.limit_test else n_test}
 
 
+def dataset_shape(config: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """((channels, height, width), number of classes) of the dataset, from its IDX header."""
+    files = ensure_files(config.dataset, resolve_root(config))
+    _, height, width = idx_shape(files[TRAIN_IMAGES])
+    return (1, height, width), len(DATASET_CLASSES[config.dataset].classes)
+
+
 def check_available(config: DataConfig) -> None:
     """Fail early (before any run is opened) when the data cannot be had or the configuration
     asks for more images than it holds; checksums come later, when the files are read."""

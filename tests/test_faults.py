@@ -293,3 +293,19 @@ def test_a_search_space_returning_a_bad_value_is_one_line_without_optuna_traceba
     (trial,) = optuna.load_study(study_name="bad-space", storage=storage).trials
     assert trial.state == optuna.trial.TrialState.FAIL
     assert_no_running(store)
+
+
+def test_preflight_refuses_a_model_that_cannot_fit_before_any_run(monkeypatch, data_dir):
+    from cvae.config import ConfigError
+    from pipelines.config import RunConfig, with_overrides
+    from pipelines.preflight import preflight
+
+    monkeypatch.setenv("CVAE_OFFLINE", "1")
+    monkeypatch.setenv("CVAE_DATA_DIR", str(data_dir))
+    config = with_overrides(RunConfig(), {"dataset": "fashion-mnist", "hidden": "64"})
+    assert preflight(config).type in ("cpu", "cuda")
+    with pytest.raises(ConfigError, match=r"^model.latent_dim=16, model.hidden=100000000 is not valid; the model "
+                                          r"would have 163,800,000,816 parameters, \d+\.\d GiB"):
+        preflight(with_overrides(config, {"hidden": "100000000", "device": "cpu"}))
+    with pytest.raises(ConfigError, match=r"^data.val_size=60000 is not valid"):
+        preflight(with_overrides(config, {"val_size": "60000"}))

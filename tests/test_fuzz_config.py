@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import EXPERIMENT, TINY_DATA, make_store
+from cvae.config import ConfigError
 from pipelines.config import RunConfig, field_index, from_dict
+from pipelines.preflight import preflight as all_checks_before_a_run
 
 INDEX = field_index()
 CHOICES = {
@@ -141,7 +143,12 @@ def test_any_values_are_accepted_or_refused_in_one_line(preflight, capsys, overr
     if code == 0:
         # An accepted configuration prints, and what it prints rebuilds the same configuration.
         assert printed_code == 0, (argv, printed_err)
-        assert isinstance(from_dict(json.loads(printed)), RunConfig)
+        config = from_dict(json.loads(printed))
+        assert isinstance(config, RunConfig)
+        try:  # the full pre-flight (the model built without memory) accepts it or says why in one line
+            all_checks_before_a_run(config)
+        except ConfigError as error:
+            assert "\n" not in str(error) and " is not valid" in str(error), str(error)
     else:
         assert printed_code in (0, 2)
 

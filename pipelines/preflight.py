@@ -1,0 +1,67 @@
+"""Every check that can be made before a run exists, in one call for the entry points.
+
+``preflight(config)`` resolves the device, checks that the data is there and large enough (IDX
+headers only), and builds the model on PyTorch's ``meta`` device (shapes without memory) to
+catch what the architecture cannot take and models whose parameters alone cannot fit on the
+device. Each failure is one ``ConfigError`` line, before anything is recorded.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cvae.config import ConfigError
+from pipelines.config import RunConfig
+from pipelines.data import check_available, dataset_shape
+from pipelines.execution import resolve_device
+
+# Training holds each parameter four times: the weights, their gradients and Adam's two moments.
+COPIES_IN_TRAINING = 4
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (RAM for the CPU); None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_model(config: RunConfig, device: torch.device) -> int:
+    """Build the model without memory; return its parameter count, or raise a one-line ConfigError."""
+    import cvae
+
+    image_shape, num_classes = dataset_shape(config.data)
+    try:
+        with torch.device("meta"):
+            model = cvae.build(config.model, image_shape, num_classes)
+    except ConfigError:
+        raise
+    except Exception as error:  # the architecture cannot take these settings (sizes, stages)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"model.arch={config.model.arch!r} is not valid with these settings for "
+                          f"{config.data.dataset} images {tuple(image_shape)}: {reason}") from None
+    parameters = sum(p.numel() for p in model.parameters())
+    needed = parameters * COPIES_IN_TRAINING * torch.tensor([], dtype=torch.float32).element_size()
+    available = device_memory_bytes(device)
+    if available is not None and needed > available:
+        m = config.model
+        widths = (f"model.hidden={','.join(map(str, m.hidden))}" if m.arch == "mlp"
+                  else f"model.channels={','.join(map(str, m.channels))}" if m.arch == "conv" else f"model.arch={m.arch}")
+        raise ConfigError(
+            f"model.latent_dim={m.latent_dim}, {widths} is not valid; the model would have {parameters:,} "
+            f"parameters, {needed / 2**30:.1f} GiB with their gradients and Adam's moments, more than the "
+            f"{available / 2**30:.1f} GiB of {device}: choose a smaller model")
+    return parameters
+
+
+def preflight(config: RunConfig) -> torch.device:
+    """All checks before a run exists; returns the device the run will use."""
+    device = resolve_device(config.execution)
+    check_available(config.data)
+    check_model(config, device)
+    return device
+
