@@ -19,6 +19,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Mapping, Sequence
 from urllib.parse import quote, urlencode
 
+import numpy as np
 from mlflow.data.dataset_source_registry import get_registered_sources
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
@@ -42,7 +43,7 @@ SPLIT_CONTEXTS = (("train", "training"), ("val", "validation"), ("test", "test")
 KEY_FIGURES = ("figures/loss_curves.png", "figures/latent_scatter_test.png", "figures/reconstructions.png",
                "figures/class_samples.png", "figures/samples.png")
 EMBEDDED_FIGURE = "figures/latent_scatter_test.png"
-# Metric key -> what the description calls it. All are nats per example except active units.
+# Metric key -> what the description calls it, with its unit.
 HEADLINE_METRICS = {
     "test/neg_elbo": "test negative ELBO (upper bound on −log p(x), nats per example)",
     "test/iwae_bound_k10": "test IWAE bound on −log p(x), k=10 (nats per example)",
@@ -127,8 +128,8 @@ def dataset_inputs(config: RunConfig, splits: "DatasetSplits") -> list[DatasetIn
     """The training, validation and test splits as MLflow dataset inputs (one per context)."""
     source = _local_source(splits.root)
     c, h, w = splits.image_shape
-    schema = Schema([TensorSpec(_numpy_dtype("uint8"), (-1, c, h, w), "image"),
-                     TensorSpec(_numpy_dtype("int64"), (-1,), "label")])
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, c, h, w), "image"),
+                     TensorSpec(np.dtype(np.int64), (-1,), "label")])
     inputs = []
     for attr, context in SPLIT_CONTEXTS:
         split = getattr(splits, attr)
@@ -145,11 +146,6 @@ def _local_source(path: str):
     """MLflow's local-file dataset source (registered twice, so resolving a path would warn)."""
     local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
     return local(path)
-
-
-def _numpy_dtype(name: str):
-    import numpy as np
-    return np.dtype(name)
 
 
 def log_dataset(logger: RunLogger, config: RunConfig, splits: "DatasetSplits") -> None:

@@ -81,7 +81,7 @@ def browsed(tmp_path_factory, data_dir):
     """A store with a short training run and a two-trial smoke study whose best model is registered."""
     store = make_store(tmp_path_factory.mktemp("browse"), data_dir)
     done = store.cli("pipelines.entrypoints.train", *TINY_DATA, "--epochs", str(EPOCHS), "--latent-dim", "2",
-                     "--hidden", "64", "--patience", "0")
+                     "--hidden", "64", "--kl-weight", "1", "--patience", "0")
     assert done.returncode == 0, done.stderr[-3000:]
     storage = f"sqlite:///{store.root / 'optuna.db'}"
     done = store.cli("pipelines.entrypoints.tune", *TINY_DATA, "--space", "smoke", "--epochs", "1", "--n-trials", "2",

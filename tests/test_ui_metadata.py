@@ -17,11 +17,11 @@ NOTE = "mlflow.note.content"
 
 
 @pytest.mark.parametrize("config, name", [
-    (RunConfig(), "mlp z=16 β=1"),
+    (with_overrides(RunConfig(), {"kl_weight": 1}), "mlp z=16 β=1"),
     (preset_config("mlp-concat"), "mlp-concat z=2 β=1"),
     (with_overrides(RunConfig(), {"arch": "conv", "kl_weight": 0.5, "lr": 3e-4}), "conv z=16 β=0.5 lr=3e-4"),
-    (with_overrides(RunConfig(), {"conditioning": "none", "latent_dim": 2}), "mlp-vae z=2 β=1"),
-    (with_overrides(RunConfig(), {"arch": "conv", "conditioning": "decoder"}), "conv-decoder z=16 β=1"),
+    (with_overrides(RunConfig(), {"conditioning": "none", "latent_dim": 2, "kl_weight": 1}), "mlp-vae z=2 β=1"),
+    (with_overrides(RunConfig(), {"arch": "conv", "conditioning": "decoder", "kl_weight": 2}), "conv-decoder z=16 β=2"),
     (with_overrides(RunConfig(), {"kl_weight": 1e-4, "lr": 5e-4}), "mlp z=16 β=1e-4 lr=5e-4"),
     # The preset's learning rate is not news; another one is. A preset whose model was replaced
     # is not named after it.
@@ -33,12 +33,12 @@ def test_run_name_says_what_was_trained(config, name):
 
 
 def test_trial_name_has_the_trial_number_and_its_model():
-    config = with_overrides(RunConfig(), {"arch": "conv", "latent_dim": 8})
+    config = with_overrides(RunConfig(), {"arch": "conv", "latent_dim": 8, "kl_weight": 1})
     assert trial_run_name(7, config) == "trial-7 · conv z=8 β=1"
 
 
 def test_run_description_has_model_data_metrics_with_units_and_figure_links():
-    config = with_overrides(RunConfig(), {"dataset": "fashion-mnist", "latent_dim": 2, "epochs": 3})
+    config = with_overrides(RunConfig(), {"dataset": "fashion-mnist", "latent_dim": 2, "epochs": 3, "kl_weight": 1})
     metrics = {"test/neg_elbo": 250.123, "test/recon": 240.0, "test/kl": 10.123, "best_val_loss": 251.0,
                "best_epoch": 3, "epochs": 3, "val/neg_elbo": 251.0}
     links = {"figures/loss_curves.png": "#/experiments/1/runs/abc/artifacts/figures/loss_curves.png"}
@@ -139,7 +139,8 @@ def test_mlproject_options_are_real_typed_options_of_their_commands():
 def recorded(tmp_path_factory, data_dir):
     """One short run through `mlflow run` and one started directly, in the same store."""
     store = make_store(tmp_path_factory.mktemp("ui-metadata"), data_dir)
-    via_mlflow = store.mlflow_run("train", {**TINY_PARAMS, "epochs": "1", "latent_dim": "2", "hidden": "64"})
+    via_mlflow = store.mlflow_run("train", {**TINY_PARAMS, "epochs": "1", "latent_dim": "2", "hidden": "64",
+                                            "kl_weight": "1"})
     assert via_mlflow.returncode == 0, via_mlflow.stderr[-3000:]
     direct = store.cli("pipelines.entrypoints.train", *TINY_DATA, "--epochs", "1", "--latent-dim", "3",
                        "--hidden", "64", "--kl-weight", "0.5")
@@ -155,7 +156,7 @@ def test_mlflow_run_logs_only_given_parameters_beside_the_configuration(recorded
     # `mlflow run` logs its parameters under their bare names; ours are dotted (model.latent_dim).
     given = {k: v for k, v in params.items() if "." not in k}
     assert given == {"dataset": "fashion-mnist", "limit_train": "1000", "val_size": "300", "limit_test": "500",
-                     "epochs": "1", "latent_dim": "2", "hidden": "64"}
+                     "epochs": "1", "latent_dim": "2", "hidden": "64", "kl_weight": "1"}
     assert params["model.latent_dim"] == "2" and params["model.conditioning"] == "concat"
 
 
