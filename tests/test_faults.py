@@ -3,6 +3,7 @@ FAILED run, a killed run is found and closed by the stale-run command, cancellat
 `mlflow run` ends KILLED and leaves no training process behind."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -309,3 +310,20 @@ def test_preflight_refuses_a_model_that_cannot_fit_before_any_run(monkeypatch, d
         preflight(with_overrides(config, {"hidden": "100000000", "device": "cpu"}))
     with pytest.raises(ConfigError, match=r"^data.val_size=60000 is not valid"):
         preflight(with_overrides(config, {"val_size": "60000"}))
+
+
+@pytest.mark.parametrize("overrides, terms, cause", [
+    ({"precision": "fp16", "lr": "1"}, {"loss": math.inf}, "execution.precision=fp16 overflowed"),
+    ({"lr": "5"}, {"loss": math.nan}, "optim.lr=5 is too high for adam; lower --lr"),
+    ({"optimizer": "sgd", "lr": "0.5"}, {"loss": math.nan}, "the step size (optim.lr=0.5, optim.grad_clip=0)"),
+    ({"kl_weight": "50"}, {"loss": math.nan}, "objective.kl_weight=50 makes the KL term dominate"),
+    ({"kl_weight": "2"}, {"recon": 80.0, "kl": math.inf}, "objective.kl_weight=2 makes the KL term dominate"),
+    ({}, {"loss": math.nan}, "the step size (optim.lr=0.001, optim.grad_clip=0); lower --lr or set --grad-clip 1"),
+])
+def test_divergence_names_the_likely_cause_and_the_remedy(overrides, terms, cause):
+    from pipelines.config import RunConfig, with_overrides
+    from pipelines.divergence import divergence_message
+
+    message = divergence_message(with_overrides(RunConfig(), overrides), "training", 3, terms)
+    assert message.startswith("training diverged: the training loss became non-finite in epoch 3 (")
+    assert f"likely cause: {cause}" in message and "\n" not in message
