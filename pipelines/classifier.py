@@ -22,7 +22,7 @@ from cvae.classifier_net import ImageClassifier
 from cvae.evaluation import frechet_distance
 from pipelines.config import DataConfig
 from pipelines.data import SplitData, as_unit_floats, load_splits
-from pipelines.tracking import REPO_ROOT, RunLogger, end_run_for, resolve_experiment_id, start_run
+from pipelines.tracking import REPO_ROOT, RunLogger, end_run_for, new_logged_model, resolve_experiment_id, start_run
 
 CLASSIFIER_EXPERIMENT = "cvae-harness-classifiers"
 ARCHITECTURE_VERSION = "strided-cnn-v1"  # change when ImageClassifier changes, to retrain
@@ -136,7 +136,8 @@ def _train_and_log(client: MlflowClient, data: DataConfig, key: str, train_size:
         seconds = time.perf_counter() - started
         logger.log_metrics({"test_accuracy": test_accuracy, "train_seconds": seconds}, step=epochs)
         info = mlflow.pytorch.log_model(
-            net.to("cpu"), name="classifier", run_id=run_id, signature=_signature(net),
+            net.to("cpu"), name="classifier", run_id=run_id, model_id=new_logged_model(client, run_id, "classifier"),
+            signature=_signature(net),
             code_paths=[str(REPO_ROOT / "cvae")], serialization_format="pickle",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         net.to(device)

@@ -20,11 +20,14 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.tracking.context.registry import resolve_tags as resolve_context_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _BATCH = 100  # MLflow's log_batch accepts at most 100 params per call
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the UI (3.x) to pick the experiment's view
+MACHINE_LEARNING_KIND = "custom_model_development"  # the UI's "Machine learning": the runs table
 
 
 def configure_tracking() -> str:
@@ -149,6 +152,17 @@ class RunLogger:
         self.client.log_artifact(self.run_id, path, artifact_path)
 
 
+def mark_machine_learning_experiment(client: MlflowClient, experiment_id: str) -> None:
+    """Tag the experiment as model development so MLflow's UI opens it on the runs table.
+
+    Without ``mlflow.experimentKind`` the UI (3.x) opens experiments on its GenAI overview
+    (traces, token usage). A kind someone already chose is left alone.
+    """
+    experiment = client.get_experiment(experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MACHINE_LEARNING_KIND)
+
+
 def _get_or_create_experiment(client: MlflowClient, name: str) -> str:
     """Workers starting together on one tracking server race to create the experiment: the
     losers get RESOURCE_ALREADY_EXISTS and use the winner's."""
@@ -156,7 +170,7 @@ def _get_or_create_experiment(client: MlflowClient, name: str) -> str:
     if experiment:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MACHINE_LEARNING_KIND})
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -164,18 +178,26 @@ def _get_or_create_experiment(client: MlflowClient, name: str) -> str:
 
 
 def resolve_experiment_id(client: MlflowClient, name: str | None) -> str:
-    """The experiment named (created if needed), else $MLFLOW_EXPERIMENT_ID/NAME, else Default."""
+    """The experiment named (created if needed), else $MLFLOW_EXPERIMENT_ID/NAME, else Default.
+
+    Whichever it is (ours, one `mlflow run` created, Default), it is tagged as model development.
+    """
     require_tracking_server(client.tracking_uri)  # the first call to the store, in every entry point
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
     if not name and os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return os.environ["MLFLOW_EXPERIMENT_ID"]
-    return _get_or_create_experiment(client, name or "Default")
+        experiment_id = os.environ["MLFLOW_EXPERIMENT_ID"]
+    else:
+        experiment_id = _get_or_create_experiment(client, name or "Default")
+    mark_machine_learning_experiment(client, experiment_id)
+    return experiment_id
 
 
 def start_run(client: MlflowClient, experiment: str | None = None, run_name: str | None = None,
               parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
     """Create a run explicitly (no global state). Child runs carry their parent's id as a tag."""
-    all_tags = dict(tags or {})
+    # What `mlflow run` records as the run's source (user, entry point file, git commit), as MLflow's
+    # own fluent API does for a script; the UI's Source column shows it.
+    all_tags = {**resolve_context_tags(), **(tags or {})}
     if run_name:
         all_tags[MLFLOW_RUN_NAME] = run_name
     if parent_run_id:
@@ -184,6 +206,18 @@ def start_run(client: MlflowClient, experiment: str | None = None, run_name: str
     else:
         experiment_id = resolve_experiment_id(client, experiment)
     return client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
+
+
+def new_logged_model(client: MlflowClient, run_id: str, name: str, params: Mapping[str, object] | None = None) -> str:
+    """A LoggedModel of ``run_id`` in the run's own experiment; give its id to ``log_model(model_id=...)``.
+
+    Logged with only ``run_id=``, MLflow (3.17) files the model under the process's current
+    experiment ($MLFLOW_EXPERIMENT_ID/NAME, else Default), not the run's; the runs table's Models
+    column lists the run's experiment's models only, so such a model would not show beside its run.
+    """
+    experiment_id = client.get_run(run_id).info.experiment_id
+    return client.create_logged_model(experiment_id, name=name, source_run_id=run_id,
+                                      params={k: str(v) for k, v in (params or {}).items()}).model_id
 
 
 def end_run_for(client: MlflowClient, run_id: str, error: BaseException | None) -> None:
@@ -212,6 +246,7 @@ def entry_point_run(experiment: str | None = None, run_name: str | None = None,
     client = MlflowClient()
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
+        mark_machine_learning_experiment(client, client.get_run(run_id).info.experiment_id)
         if run_name:
             client.set_tag(run_id, MLFLOW_RUN_NAME, run_name)
         if tags:
