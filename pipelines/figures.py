@@ -9,10 +9,12 @@ matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 
 def _tile(images: torch.Tensor, nrow: int) -> np.ndarray:
+    # Imported here: torchvision's import costs over a second of CPU, and study trials draw no figures.
+    from torchvision.utils import make_grid
+
     grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
     return grid.permute(1, 2, 0).numpy()
 
