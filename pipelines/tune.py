@@ -17,6 +17,7 @@ import mlflow
 import optuna
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
@@ -24,7 +25,7 @@ from cvae.config import ConfigError, require, require_choice
 from pipelines.config import RunConfig, flatten, with_overrides
 from pipelines.data import DataUnavailableError, DatasetSplits, load_splits
 from pipelines.execution import resolve_device
-from pipelines.tracking import RunLogger, resolve_experiment_id
+from pipelines.tracking import RunLogger, require_tracking_server, resolve_experiment_id
 from pipelines.chosen_trials import chosen_trials, record_chosen_trials
 from pipelines.record import FULL, TRIAL, record_run
 from pipelines.run_description import name_trial
@@ -255,6 +256,7 @@ def prepare_study(settings: StudySettings, base: RunConfig, experiment: str | No
     Returns the study with its sampler and pruner. An unreachable storage fails here with a
     ``ConfigError``, so bad input leaves nothing behind.
     """
+    require_tracking_server(mlflow.get_tracking_uri())  # not even an empty study without a server
     with local_stores_lock([settings.storage, mlflow.get_tracking_uri()]):
         try:
             storage = open_storage(settings.storage, settings.heartbeat_grace_s)
@@ -355,7 +357,9 @@ class TrialObjective:
                                splits=self.splits if same_data else None)
                 values = objective_values(self.settings.objectives, result)
                 record_run(logger, result, config, FULL if self.settings.trial_artifacts == "all" else TRIAL)
-            except TRIAL_FAILURES as error:
+            # A tracking server lost for longer than MLflow's bounded retries also fails the trial
+            # with its reason, though it stops this worker (it is not in catch=TRIAL_FAILURES).
+            except (*TRIAL_FAILURES, MlflowException) as error:
                 trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
                 if isinstance(error, OUT_OF_MEMORY) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
