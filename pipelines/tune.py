@@ -275,6 +275,9 @@ def prepare_study(settings: StudySettings, base: RunConfig, experiment: str | No
     recorded = study.user_attrs.get(OBJECTIVES_ATTR)
     if recorded is None:
         study.set_user_attr(OBJECTIVES_ATTR, list(settings.objectives))
+        with warnings.catch_warnings():  # still "experimental" in Optuna 5.0, in use since 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(settings.objectives))  # optuna-dashboard shows "nll", not "Objective 0"
     elif tuple(recorded) != settings.objectives:
         raise ConfigError(f"objectives={','.join(settings.objectives)!r} is not valid for study "
                           f"{settings.name!r}, which optimises {','.join(recorded)}; use those or a new study name")
