@@ -74,7 +74,7 @@ def _keep_killed_after_mlflow_run() -> None:
     ``pipelines.liveness.keep_status_after``), leave a small detached process that puts KILLED
     back once `mlflow run` has exited."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id or os.getppid() <= 1:
+    if not run_id or os.getppid() != _parent_at_start:  # `mlflow run` is gone: nothing will overwrite
         return
     import subprocess
 
@@ -90,6 +90,9 @@ def _keep_killed_after_mlflow_run() -> None:
                          start_new_session=True, close_fds=True)
     except OSError:
         pass
+
+
+_parent_at_start = os.getppid()
 
 
 class Stopped(KeyboardInterrupt):
