@@ -21,15 +21,24 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torchvision import datasets as tv_datasets
 
 from cvae.config import ConfigError
 from pipelines.config import DataConfig
 
-DATASET_CLASSES = {
-    "mnist": tv_datasets.MNIST,
-    "fashion-mnist": tv_datasets.FashionMNIST,
-    "kmnist": tv_datasets.KMNIST,
+@dataclass(frozen=True)
+class DatasetInfo:
+    folder: str  # torchvision's dataset class, and the folder of its layout (ROOT/<folder>/raw)
+    classes: tuple[str, ...]  # as torchvision names them (tests/test_data.py checks they agree)
+
+
+# Our own table rather than torchvision's dataset classes: importing torchvision costs over a
+# second of CPU per process, and it is only needed to download missing files.
+DATASETS = {
+    "mnist": DatasetInfo("MNIST", ("0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five",
+                                   "6 - six", "7 - seven", "8 - eight", "9 - nine")),
+    "fashion-mnist": DatasetInfo("FashionMNIST", ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
+    "kmnist": DatasetInfo("KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
 }
 # Debian packages that ship a dataset's IDX files, so offline machines need no download.
 DEBIAN_DATASET_DIRS = {
@@ -102,11 +111,11 @@ def resolve_root(config: DataConfig) -> Path:
 
 
 def required_files(dataset: str) -> list[str]:
-    return [os.path.basename(url) for url, _ in DATASET_CLASSES[dataset].resources]
+    return [f"{name}.gz" for name in IDX_NAMES]
 
 
 def _missing_message(dataset: str, root: Path, reason: str) -> str:
-    raw = root / DATASET_CLASSES[dataset].__name__ / "raw"
+    raw = root / DATASETS[dataset].folder / "raw"
     hint = ""
     if dataset in DEBIAN_DATASET_DIRS:
         path, package = DEBIAN_DATASET_DIRS[dataset]
@@ -116,7 +125,7 @@ def _missing_message(dataset: str, root: Path, reason: str) -> str:
 
 
 def _candidate_dirs(dataset: str, root: Path) -> list[Path]:
-    dirs = [root / DATASET_CLASSES[dataset].__name__ / "raw", root]
+    dirs = [root / DATASETS[dataset].folder / "raw", root]
     if dataset in DEBIAN_DATASET_DIRS:
         dirs.append(DEBIAN_DATASET_DIRS[dataset][0])
     return dirs
@@ -138,10 +147,11 @@ def _find_in(directory: Path) -> dict[str, Path] | None:
 def _download(dataset: str, root: Path) -> dict[str, Path]:
     """Fetch the compressed IDX files into ROOT/<Dataset>/raw with torchvision (MD5-checked,
     first mirror that answers). They stay compressed: they are read in place like any others."""
+    from torchvision import datasets as tv_datasets
     from torchvision.datasets.utils import download_url
 
-    cls = DATASET_CLASSES[dataset]
-    raw = root / cls.__name__ / "raw"
+    cls = getattr(tv_datasets, DATASETS[dataset].folder)
+    raw = root / DATASETS[dataset].folder / "raw"
     for filename, md5 in cls.resources:
         if (raw / filename).is_file():
             continue
@@ -243,7 +253,7 @@ def dataset_shape(config: DataConfig) -> tuple[tuple[int, int, int], int]:
     """((channels, height, width), number of classes) of the dataset, from its IDX header."""
     files = ensure_files(config.dataset, resolve_root(config))
     _, height, width = idx_shape(files[TRAIN_IMAGES])
-    return (1, height, width), len(DATASET_CLASSES[config.dataset].classes)
+    return (1, height, width), len(DATASETS[config.dataset].classes)
 
 
 def check_available(config: DataConfig) -> None:
@@ -259,7 +269,6 @@ def load_splits(config: DataConfig, device: torch.device) -> DatasetSplits:
     arrays, sources = {}, {}
     for name in IDX_NAMES:
         arrays[name], sources[name] = read_idx(files[name])
-    cls = DATASET_CLASSES[config.dataset]
     images = torch.from_numpy(arrays[TRAIN_IMAGES].copy()).unsqueeze(1)  # uint8 (N, 1, H, W)
     labels = torch.from_numpy(arrays[TRAIN_LABELS].astype(np.int64))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.split_seed))
@@ -276,7 +285,7 @@ def load_splits(config: DataConfig, device: torch.device) -> DatasetSplits:
 
     return DatasetSplits(
         dataset=config.dataset,
-        class_names=tuple(cls.classes),
+        class_names=DATASETS[config.dataset].classes,
         image_shape=tuple(images.shape[1:]),
         train=split("train", images[train_idx], labels[train_idx], train_idx, "train"),
         val=split("val", images[val_idx], labels[val_idx], val_idx, "train"),

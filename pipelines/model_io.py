@@ -67,9 +67,9 @@ def log_generator(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInf
 
     import mlflow.pyfunc
     from pipelines import generator_model
-    from pipelines.data import DATASET_CLASSES
+    from pipelines.data import DATASETS
 
-    class_names = list(DATASET_CLASSES[config.data.dataset].classes)
+    class_names = list(DATASETS[config.data.dataset].classes)
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.pt")
         torch.save({name: tensor.cpu() for name, tensor in model.state_dict().items()}, weights)

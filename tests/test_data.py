@@ -161,3 +161,17 @@ def test_dynamic_binarization_of_an_example_does_not_depend_on_the_split_size(ti
     shared = [(k, position[i]) for k, i in enumerate(whole.val.example_index.tolist()) if i in position]
     assert len(shared) == 20
     assert all(torch.equal(val_small[k], val_big[j]) for k, j in shared)
+
+
+def test_our_dataset_table_agrees_with_torchvision():
+    """pipelines.data keeps its own table so that training never imports torchvision."""
+    from torchvision import datasets
+
+    from pipelines.data import DATASETS
+
+    for name, info in DATASETS.items():
+        cls = getattr(datasets, info.folder)
+        assert info.classes == tuple(cls.classes), name
+        assert sorted(f for f, _ in cls.resources) == sorted(f"{n}.gz" for n in
+                                                                ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")), name

@@ -77,12 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from pipelines.data import DATASET_CLASSES
+    from pipelines.data import DATASETS
     from pipelines.model_resolution import load_cvae, resolve_model
     from pipelines.tracking import entry_point_run
 
     resolved = resolve_model(args.model_uri)
-    class_names = list(DATASET_CLASSES[resolved.config.data.dataset].classes)
+    class_names = list(DATASETS[resolved.config.data.dataset].classes)
     model = load_cvae(resolved, device)
     labels = parse_labels(args.labels, class_names[: model.num_classes])
     generator = torch.Generator(device=device).manual_seed(seed)
