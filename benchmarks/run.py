@@ -51,7 +51,7 @@ class Sizes:
     study_trials: int
 
 
-FULL_SIZES = Sizes(loop_images=0, loop_epochs=2, recording_images=0, recording_epochs=5, study_space="default",
+FULL_SIZES = Sizes(loop_images=20_000, loop_epochs=2, recording_images=0, recording_epochs=5, study_space="default",
                    study_images=10_000, study_epochs=2, study_trials=6)
 QUICK_SIZES = Sizes(loop_images=2_000, loop_epochs=1, recording_images=1_000, recording_epochs=1,
                     study_space="smoke", study_images=1_000, study_epochs=1, study_trials=2)
@@ -205,6 +205,14 @@ def data_args(images: int) -> list[str]:
     return ["--dataset", "fashion-mnist", "--limit-train", str(images), "--device", "cpu"]
 
 
+def warm_up_store(table: Table, workdir: Path) -> None:
+    """A user's first run in a fresh store also creates MLflow's tables and trains (and caches) the
+    classifier that judges samples; every later run finds both. Paid here once, and shown, so the
+    sections below measure the steady state."""
+    wall = _run(workdir, "pipelines.entrypoints.train", *data_args(500), "--epochs", "1", "--run-name", "warm-up")
+    table.add("recording", "first run in a fresh store (tables, judge classifier; 1 epoch, 500 images)", wall, "s")
+
+
 def measure_recording(table: Table, workdir: Path, sizes: Sizes) -> None:
     wall = _run(workdir, "pipelines.entrypoints.train", *data_args(sizes.recording_images),
                 "--epochs", str(sizes.recording_epochs), "--patience", "0", "--run-name", "recording")
@@ -302,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CVAE_DATA_DIR"] = str(workdir / "data")
         if "loop" in sections:
             measure_loops(table, sizes, torchvision_root(workdir / "torchvision"), "cpu")
+        if sections & {"recording", "study"}:
+            warm_up_store(table, workdir)
         if "recording" in sections:
             measure_recording(table, workdir, sizes)
         if "study" in sections:

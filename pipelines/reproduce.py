@@ -261,8 +261,7 @@ def reproduce_run(run_id: str, tolerance: float | None = None, experiment: str |
     from mlflow import MlflowClient
 
     from pipelines.config import from_dict, with_overrides
-    from pipelines.data import check_available
-    from pipelines.execution import resolve_device
+    from pipelines.preflight import preflight
     from pipelines.manifest import load_manifest
     from pipelines.tracking import entry_point_run
 
@@ -271,8 +270,7 @@ def reproduce_run(run_id: str, tolerance: float | None = None, experiment: str |
     config = from_dict(original["config"])
     if data_dir:
         config = with_overrides(config, {"data.data_dir": data_dir})
-    resolve_device(config.execution)
-    check_available(config.data)
+    preflight(config)
     if experiment is None and not (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
         experiment = client.get_experiment(client.get_run(run_id).info.experiment_id).name
     # Heavy imports only once the input is known to be good.

@@ -7,9 +7,8 @@ from typing import Sequence
 
 from pipelines.config import to_dict
 from pipelines.config_cli import add_config_arguments, config_from_args
-from pipelines.data import check_available
 from pipelines.entrypoints.common import add_run_arguments, run_main
-from pipelines.execution import resolve_device
+from pipelines.preflight import preflight
 from pipelines.presets import preset_names
 from pipelines.run_description import run_name
 from pipelines.tracking import entry_point_run
@@ -35,8 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(to_dict(config), indent=2))
         return 0
-    resolve_device(config.execution)
-    check_available(config.data)
+    preflight(config)  # device, data sizes, the model on the meta device: all before a run exists
     # Heavy imports only once the input is known to be good.
     from pipelines.record import FULL, record_run
     from pipelines.train import train

@@ -10,9 +10,8 @@ import sys
 from typing import Sequence
 
 from pipelines.config_cli import add_config_arguments, config_from_args
-from pipelines.data import check_available
 from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
-from pipelines.execution import resolve_device
+from pipelines.preflight import preflight
 from pipelines.tracking import RunLogger, entry_point_run
 from pipelines.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, HEARTBEAT_GRACE_S, OBJECTIVES, PRUNERS, SAMPLERS,
                             TRIAL_ARTIFACTS, StudySettings, conclude_study, log_study_params, note_pruning,
@@ -98,8 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = config_from_args(args)
     settings = settings_from_args(args, base.execution.seed)
     space = resolve_space(settings.space)
-    resolve_device(base.execution)
-    check_available(base.data)
+    preflight(base)  # device, data sizes, the base model on the meta device, before any run
     study = prepare_study(settings, base, args.experiment)
     if args.worker_of:
         return run_as_worker(study, settings, space, base, args.worker_of, args.worker_index)
