@@ -58,7 +58,12 @@ def make_store(root: Path, data_dir: Path) -> Store:
     """A fresh tracking store under ``root``; module-scoped fixtures use it to share one store."""
     from mlflow import MlflowClient
 
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    # Created here with an artifact root under ``root``: left to MLflow, the Default experiment's
+    # artifacts would go to ./mlruns of whichever process created the store (the repository).
+    SqlAlchemyStore(uri, default_artifact_root=(root / "default-artifacts").as_uri())
     MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
            "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1", "PYTHONPATH": str(REPO),
