@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ARCHITECTURES = ("mlp", "conv")  # extended by cvae.registry when more families register
+from cvae.registry import architecture_names
+
 CONDITIONINGS = ("concat", "channel", "decoder", "none")
 LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic")
 ACTIVATIONS = ("relu", "silu", "elu", "leaky_relu", "tanh")
@@ -90,8 +91,6 @@ class ModelConfig:
     activity_l2: float = 0.0
 
     def __post_init__(self):
-        from cvae.registry import architecture_names  # late: the registry imports this module
-
         object.__setattr__(self, "hidden", _as_int_tuple("model.hidden", self.hidden))
         object.__setattr__(self, "channels", _as_int_tuple("model.channels", self.channels))
         require_choice("model.arch", self.arch, architecture_names())

@@ -24,9 +24,13 @@ from typing import Callable
 
 from torch import nn
 
+from cvae.conv import build_conv
+from cvae.mlp import build_mlp
+
 Builder = Callable[..., tuple[nn.Module, nn.Module]]
 
-_BUILDERS: dict[str, Builder] = {}
+# The built-ins lead the list in error messages.
+_BUILDERS: dict[str, Builder] = {"mlp": build_mlp, "conv": build_conv}
 
 
 def register_architecture(name: str, builder: Builder) -> None:
@@ -39,36 +43,10 @@ def register_architecture(name: str, builder: Builder) -> None:
 
 
 def architecture_names() -> tuple[str, ...]:
-    _ensure_builtins()
     return tuple(_BUILDERS)
 
 
 def build_networks(cfg, image_shape: tuple[int, int, int], num_classes: int) -> tuple[nn.Module, nn.Module]:
-    _ensure_builtins()
-    try:
-        builder = _BUILDERS[cfg.arch]
-    except KeyError:
-        from cvae.config import ConfigError
-
-        raise ConfigError(f"model.arch={cfg.arch!r} is not valid; choose one of: "
-                          f"{', '.join(_BUILDERS)}") from None
-    return builder(cfg, tuple(image_shape), int(num_classes))
-
-
-_builtins_loaded = False
-
-
-def _ensure_builtins() -> None:
-    # Lazy, because the built-in modules import cvae.config, whose validation imports this module.
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    from cvae.conv import build_conv
-    from cvae.mlp import build_mlp
-
-    # Built-ins first so they lead the list in error messages; anything registered earlier wins.
-    earlier = dict(_BUILDERS)
-    _BUILDERS.clear()
-    _BUILDERS.update(mlp=build_mlp, conv=build_conv)
-    _BUILDERS.update(earlier)
-    _builtins_loaded = True
+    """The (encoder, decoder) of ``cfg.arch``, a name ``ModelConfig`` checked against
+    ``architecture_names()`` when it was built."""
+    return _BUILDERS[cfg.arch](cfg, tuple(image_shape), int(num_classes))

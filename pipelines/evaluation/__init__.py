@@ -1,0 +1,1 @@
+"""What a finished model is worth: likelihood bounds, latent usage, classifier-judged samples."""

@@ -1,0 +1,1 @@
+"""Optuna studies: settings, storage, the trials' MLflow runs, chosen trials, worker processes."""

@@ -1,0 +1,1 @@
+"""The MLflow side shared by every run: the run logger, liveness, and what the UI shows."""
