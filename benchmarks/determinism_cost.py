@@ -13,8 +13,8 @@ import statistics
 
 from pipelines.config import RunConfig, with_overrides
 from pipelines.data import load_splits
-from pipelines.execution import resolve_device
-from pipelines.train import train
+from pipelines.training.execution import resolve_device
+from pipelines.training.train import train
 
 
 def epoch_seconds(config: RunConfig, splits) -> list[float]:

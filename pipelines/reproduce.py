@@ -75,7 +75,7 @@ def compare_weights(original: Mapping[str, torch.Tensor] | None, rerun: Mapping[
 
     Without the original's tensors (no logged model) only the checksums can be compared.
     """
-    from pipelines.manifest import weights_sha256
+    from pipelines.recording.manifest import weights_sha256
 
     rerun_sha = weights_sha256(rerun)
     report = {"original_sha256": original_sha256, "rerun_sha256": rerun_sha,
@@ -224,8 +224,8 @@ def load_original(client, run_id: str) -> tuple[dict, dict[str, torch.Tensor] | 
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
-    from pipelines.entrypoints.common import UserError
-    from pipelines.manifest import ManifestNotFoundError, load_manifest
+    from pipelines.errors import UserError
+    from pipelines.recording.manifest import ManifestNotFoundError, load_manifest
 
     if not run_id.strip():
         raise UserError("run_id='' is not valid; expected the id of a logged MLflow run")
@@ -261,9 +261,9 @@ def reproduce_run(run_id: str, tolerance: float | None = None, experiment: str |
     from mlflow import MlflowClient
 
     from pipelines.config import from_dict, with_overrides
-    from pipelines.preflight import preflight
-    from pipelines.manifest import load_manifest
-    from pipelines.tracking import entry_point_run
+    from pipelines.training.preflight import preflight
+    from pipelines.recording.manifest import load_manifest
+    from pipelines.tracking.runs import entry_point_run
 
     client = MlflowClient()
     original, original_weights = load_original(client, run_id)
@@ -274,8 +274,8 @@ def reproduce_run(run_id: str, tolerance: float | None = None, experiment: str |
     if experiment is None and not (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
         experiment = client.get_experiment(client.get_run(run_id).info.experiment_id).name
     # Heavy imports only once the input is known to be good.
-    from pipelines.record import FULL, record_run
-    from pipelines.train import train
+    from pipelines.recording.record import FULL, record_run
+    from pipelines.training.train import train
 
     with entry_point_run(experiment, run_name or f"reproduce-{run_id[:8]}",
                          tags={REPRODUCES_TAG: run_id}) as logger:

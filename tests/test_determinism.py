@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pipelines.config import RunConfig, with_overrides
-from pipelines.manifest import result_metrics, weights_sha256
-from pipelines.record import held_out_test_metrics
+from pipelines.recording.manifest import result_metrics, weights_sha256
+from pipelines.recording.record import held_out_test_metrics
 
 TINY = {"data.dataset": "fashion-mnist", "data.limit_train": 600, "data.val_size": 200,
         "data.limit_test": 200, "model.hidden": "64,32", "optim.epochs": 2, "execution.device": "cpu"}
@@ -15,7 +15,7 @@ TINY = {"data.dataset": "fashion-mnist", "data.limit_train": 600, "data.val_size
 @pytest.fixture(scope="module")
 def runs(data_dir):
     """Three in-process trainings: seed 0 twice, seed 1 once (each loads its own data)."""
-    from pipelines.train import train
+    from pipelines.training.train import train
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CVAE_DATA_DIR", str(data_dir))

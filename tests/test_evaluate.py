@@ -10,14 +10,14 @@ import mlflow
 import pytest
 import torch
 
-from pipelines.classifier import (CLASSIFIER_EXPERIMENT, cache_key, get_classifier,
+from pipelines.evaluation.classifier import (CLASSIFIER_EXPERIMENT, cache_key, get_classifier,
                                   judge_samples)
 from pipelines.config import DataConfig
 from pipelines.data import as_unit_floats, load_splits
-from pipelines.entrypoints.common import UserError
-from pipelines.evaluate import (TRAINING_IWAE_K, UNITS_ARTIFACT, collapse_warning, evaluate_model, iwae_metric,
+from pipelines.errors import UserError
+from pipelines.evaluation.evaluate import (TRAINING_IWAE_K, UNITS_ARTIFACT, collapse_warning, evaluate_model, iwae_metric,
                                 posterior_collapse, with_bits_per_dim)
-from pipelines.model_resolution import resolve_model
+from pipelines.models.model_resolution import resolve_model
 from conftest import SHARED_RUN_LATENT_DIM, Store, assert_no_running
 
 LATENT_DIM = SHARED_RUN_LATENT_DIM

@@ -28,7 +28,7 @@ def in_process(store, monkeypatch, capsys):
     import mlflow
 
     from pipelines.entrypoints.common import exit_code
-    from pipelines.tracking import configure_tracking
+    from pipelines.tracking.runs import configure_tracking
 
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "CVAE_DATA_DIR", "CVAE_OFFLINE"):
         monkeypatch.setenv(name, store.env[name])
@@ -88,7 +88,7 @@ STALE = "pipelines.entrypoints.stale_runs"
 
 
 def test_stale_runs_are_those_silent_longer_than_the_grace(store):
-    from pipelines.liveness import HEARTBEAT_TAG, close_stale_run, stale_runs
+    from pipelines.tracking.liveness import HEARTBEAT_TAG, close_stale_run, stale_runs
 
     client = store.client
     experiment = client.get_experiment_by_name("tests").experiment_id
@@ -159,7 +159,7 @@ def test_stale_runs_rejects_an_unknown_experiment_in_one_line(store):
 def test_artifact_downloads_draw_no_progress_bar(tmp_path, monkeypatch, capsys):
     import mlflow
 
-    from pipelines.tracking import configure_tracking
+    from pipelines.tracking.runs import configure_tracking
 
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -234,7 +234,7 @@ def test_ctrl_c_to_the_mlflow_run_process_group_ends_the_run_killed(store):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode != 0, rest[-2000:]
     # `mlflow run` itself marks the run FAILED as it exits (an MLflow bug, see
-    # pipelines.liveness.keep_status_after); a detached helper puts KILLED back right after.
+    # pipelines.tracking.liveness.keep_status_after); a detached helper puts KILLED back right after.
     deadline = time.monotonic() + 120
     while (run := store.runs()[0]).info.status != "KILLED" and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -299,7 +299,7 @@ def test_a_search_space_returning_a_bad_value_is_one_line_without_optuna_traceba
 def test_preflight_refuses_a_model_that_cannot_fit_before_any_run(monkeypatch, data_dir):
     from cvae.config import ConfigError
     from pipelines.config import RunConfig, with_overrides
-    from pipelines.preflight import preflight
+    from pipelines.training.preflight import preflight
 
     monkeypatch.setenv("CVAE_OFFLINE", "1")
     monkeypatch.setenv("CVAE_DATA_DIR", str(data_dir))
@@ -322,7 +322,7 @@ def test_preflight_refuses_a_model_that_cannot_fit_before_any_run(monkeypatch, d
 ])
 def test_divergence_names_the_likely_cause_and_the_remedy(overrides, terms, cause):
     from pipelines.config import RunConfig, with_overrides
-    from pipelines.divergence import divergence_message
+    from pipelines.training.divergence import divergence_message
 
     message = divergence_message(with_overrides(RunConfig(), overrides), "training", 3, terms)
     assert message.startswith("training diverged: the training loss became non-finite in epoch 3 (")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from conftest import EXPERIMENT, TINY_DATA, make_store
 from cvae.config import ConfigError
 from pipelines.config import RunConfig, field_index, from_dict
-from pipelines.preflight import preflight as all_checks_before_a_run
+from pipelines.training.preflight import preflight as all_checks_before_a_run
 
 INDEX = field_index()
 CHOICES = {
@@ -164,7 +164,7 @@ def fuzz_store(tmp_path_factory, data_dir):
             patch.setenv(name, store.env[name])
         patch.delenv("MLFLOW_RUN_ID", raising=False)
         patch.chdir(store.root)
-        from pipelines.tracking import configure_tracking
+        from pipelines.tracking.runs import configure_tracking
         configure_tracking()
         yield store
     mlflow.set_tracking_uri(previous)

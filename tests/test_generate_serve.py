@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from pipelines.entrypoints.generate import GRID_ARTIFACT, GRID_PADDING
-from pipelines.generator_model import DEFAULT_MAX_ROWS, GenerationRequestError, GeneratorModel, generator_spec
+from pipelines.models.generator_model import DEFAULT_MAX_ROWS, GenerationRequestError, GeneratorModel, generator_spec
 from conftest import SHARED_RUN_LATENT_DIM, assert_no_running
 
 LATENT_DIM = SHARED_RUN_LATENT_DIM

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pipelines.config import RunConfig, from_dict, with_overrides
-from pipelines.manifest import (DIFF_FILE, MANIFEST_FILE, installed_packages, load_manifest, log_manifest,
+from pipelines.recording.manifest import (DIFF_FILE, MANIFEST_FILE, installed_packages, load_manifest, log_manifest,
                                 weights_sha256)
-from pipelines.tracking import RunLogger, git_commit
+from pipelines.tracking.runs import RunLogger, git_commit
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 TINY = {"data.dataset": "fashion-mnist", "data.limit_train": 600, "data.val_size": 200,
@@ -28,9 +28,9 @@ def logged(tmp_path_factory, data_dir):
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.record import FULL, record_run
-    from pipelines.tracking import entry_point_run
-    from pipelines.train import train
+    from pipelines.recording.record import FULL, record_run
+    from pipelines.tracking.runs import entry_point_run
+    from pipelines.training.train import train
 
     root = tmp_path_factory.mktemp("manifest-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -104,7 +104,7 @@ def test_manifest_results_match_the_logged_metrics_and_model(logged):
 
 
 def test_a_dirty_tree_logs_its_diff(logged, monkeypatch, tmp_path):
-    import pipelines.manifest as manifest_module
+    import pipelines.recording.manifest as manifest_module
 
     diff = "diff --git a/cvae/model.py b/cvae/model.py\n+# an uncommitted change\n"
     monkeypatch.setattr(manifest_module, "git_commit", lambda: ("0" * 40, True))

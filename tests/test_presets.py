@@ -13,7 +13,7 @@ from PIL import Image
 import cvae
 from cvae import ConfigError, ModelConfig
 from pipelines.config import flatten, from_params, with_overrides
-from pipelines.preset_figures import preset_figure_builders
+from pipelines.recording.preset_figures import preset_figure_builders
 from cvae.likelihood import likelihood_kind
 from pipelines.presets import preset_config
 from conftest import TINY_PARAMS, assert_no_running

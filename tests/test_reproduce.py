@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines.manifest import MANIFEST_FILE, load_manifest, weights_sha256
+from pipelines.recording.manifest import MANIFEST_FILE, load_manifest, weights_sha256
 from pipelines.reproduce import (AGREES, DIFFERS, REPORT_JSON, REPORT_MARKDOWN, build_report, compare_data,
                                  compare_metrics, compare_weights, default_tolerance, environment_warnings,
                                  explicit_tolerance)

@@ -14,11 +14,11 @@ import pytest
 from optuna.trial import TrialState
 
 from pipelines.config import RunConfig, with_overrides
-from pipelines.evaluate import LIKELIHOOD_KIND_TAG, iwae_metric
-from pipelines.record import BEST_TRIAL, DETAIL_TAG, FULL, TRIAL
+from pipelines.evaluation.evaluate import LIKELIHOOD_KIND_TAG, iwae_metric
+from pipelines.recording.record import BEST_TRIAL, DETAIL_TAG, FULL, TRIAL
 from pipelines.reproduce import AGREES
-from pipelines.tune import trial_seed
-from pipelines.workers import divide_trials, plan_workers, worker_command
+from pipelines.studies.tune import trial_seed
+from pipelines.studies.workers import plan_workers, worker_command
 from conftest import TINY_DATA, assert_no_running, make_store
 
 TUNE = "pipelines.entrypoints.tune"
@@ -133,7 +133,9 @@ def test_workers_started_by_one_command_share_the_cpu_and_never_repeat_a_trial(s
     assert len(parents) == 1, "the workers report to the one parent run of the command"
     (parent,) = parents
     trials = study.trials
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    # Workers draw trials until the study holds 4; two finishing at the same instant may each start
+    # one more (Optuna's MaxTrialsCallback counts, then asks), so at most one extra with 2 workers.
+    assert 4 <= len(trials) <= 5
     assert all(t.state == TrialState.COMPLETE for t in trials)
     children = [r for r in runs.values() if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
     assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in trials)
@@ -155,7 +157,7 @@ def test_trial_seeds_differ_for_every_trial_and_depend_on_the_study_seed():
 
 def test_two_samplers_with_the_same_seed_draw_differently_for_different_trials():
     """The old scheme (seed + trials seen) made a late-starting worker replay another's draws."""
-    from pipelines.tune import StudySettings, build_sampler
+    from pipelines.studies.tune import StudySettings, build_sampler
 
     study = optuna.create_study(sampler=build_sampler(StudySettings(sampler="random"), 1))
     drawn = [study.ask().suggest_float("x", 0, 1) for _ in range(20)]
@@ -164,10 +166,10 @@ def test_two_samplers_with_the_same_seed_draw_differently_for_different_trials()
     assert [again.ask().suggest_float("x", 0, 1) for _ in range(20)] == drawn, "still reproducible"
 
 
-def test_trials_are_divided_exactly_between_workers():
-    assert divide_trials(10, 4) == [3, 3, 2, 2]
-    assert divide_trials(None, 3) == [None, None, None]
-    assert sum(divide_trials(7, 3)) == 7
+def test_never_more_workers_than_trials_and_the_cores_are_shared_by_those_started():
+    base = with_overrides(RunConfig(), {"execution.device": "cpu"})
+    assert [(p.index, p.threads) for p in plan_workers(base, 4, 2, cpu_count=8, gpu_count=0)] == [(0, 4), (1, 4)]
+    assert len(plan_workers(base, 3, None, cpu_count=8, gpu_count=0)) == 3, "a timeout-only study: all of them"
 
 
 @pytest.mark.parametrize("device, threads, cpus, gpus, expected", [
@@ -181,13 +183,12 @@ def test_workers_get_their_share_of_cores_and_gpus(device, threads, cpus, gpus, 
     base = with_overrides(RunConfig(), {"execution.device": device, "execution.threads": threads})
     plans = plan_workers(base, 4, 8, cpu_count=cpus, gpu_count=gpus)
     assert [(p.device, p.threads) for p in plans] == expected
-    assert [p.n_trials for p in plans] == [2, 2, 2, 2]
 
 
 def test_a_worker_command_keeps_the_users_flags_and_adds_its_own_last():
     (plan,) = plan_workers(with_overrides(RunConfig(), {"execution.device": "cpu"}), 1, 3, cpu_count=2, gpu_count=0)
-    command = worker_command(["--space", "smoke", "--workers", "2"], plan, "parent123")
+    command = worker_command(["--space", "smoke", "--workers", "2"], plan, "parent123", stop_at_trials=7)
     assert command[1:3] == ["-m", TUNE]
     # argparse keeps the last of a repeated flag: the worker's own settings win over the user's.
     assert command[3:] == ["--space", "smoke", "--workers", "2", "--workers", "1", "--worker-of", "parent123",
-                           "--worker-index", "0", "--n-trials", "3", "--threads", "2"]
+                           "--worker-index", "0", "--stop-at-trials", "7", "--threads", "2"]

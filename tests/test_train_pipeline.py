@@ -49,7 +49,7 @@ def test_mlflow_run_train_records_a_complete_run(store, tmp_path):
     import mlflow.pytorch
     from pipelines.config import from_params
     from pipelines.data import Batcher, load_splits
-    from pipelines.train import evaluate_split
+    from pipelines.training.train import evaluate_split
 
     mlflow.set_tracking_uri(store.uri)
     model = mlflow.pytorch.load_model(tags["model_uri"])

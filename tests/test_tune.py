@@ -313,7 +313,7 @@ def test_a_killed_workers_trial_is_failed_by_the_next_worker(store):
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "nsga2"])
 def test_every_sampler_builds_and_optimises_a_toy_problem(sampler):
-    from pipelines.tune import StudySettings, build_sampler
+    from pipelines.studies.tune import StudySettings, build_sampler
 
     settings = StudySettings(sampler=sampler)
     study = optuna.create_study(sampler=build_sampler(settings, seed=0))

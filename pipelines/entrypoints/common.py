@@ -13,15 +13,12 @@ from typing import Callable, Iterator, Sequence
 
 from cvae.config import ConfigError
 from pipelines.data import DataUnavailableError
+from pipelines.errors import UserError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_SIGNAL_BASE = 128  # the shell's convention: a process ended by signal N exits 128 + N
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-class UserError(RuntimeError):
-    """A problem the user can fix (bad argument, missing run or artifact); shown as one line."""
 
 
 USER_ERRORS = (ConfigError, DataUnavailableError, UserError)
@@ -71,7 +68,7 @@ def _fail_pending_mlflow_run(message: str, status: str) -> None:
 
 def _keep_killed_after_mlflow_run() -> None:
     """Under `mlflow run`, which would overwrite our KILLED with FAILED once we exit (see
-    ``pipelines.liveness.keep_status_after``), leave a small detached process that puts KILLED
+    ``pipelines.tracking.liveness.keep_status_after``), leave a small detached process that puts KILLED
     back once `mlflow run` has exited."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id or os.getppid() != _parent_at_start:  # `mlflow run` is gone: nothing will overwrite
@@ -85,7 +82,7 @@ def _keep_killed_after_mlflow_run() -> None:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     try:
-        subprocess.Popen([sys.executable, "-m", "pipelines.liveness", run_id, str(os.getppid()), "KILLED"],
+        subprocess.Popen([sys.executable, "-m", "pipelines.tracking.liveness", run_id, str(os.getppid()), "KILLED"],
                          env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True, close_fds=True)
     except OSError:
@@ -143,7 +140,7 @@ def _die_with_parent() -> None:
 
 def _divergence_error():
     """NonFiniteLossError when training was imported (else no error can be one), for one-line reports."""
-    train = sys.modules.get("pipelines.train")
+    train = sys.modules.get("pipelines.training.train")
     return getattr(train, "NonFiniteLossError", None)
 
 
@@ -241,7 +238,7 @@ def exit_code(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] |
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
     """The process of an entry point: tracking, signals, ``main``, and its exit code."""
-    from pipelines.tracking import configure_tracking
+    from pipelines.tracking.runs import configure_tracking
 
     configure_tracking()
     # Schedulers (SLURM, Kubernetes) and `mlflow run`'s cancellation stop processes with SIGTERM:

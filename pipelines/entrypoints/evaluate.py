@@ -1,6 +1,6 @@
 """`evaluate` entry point: the full test-set report of a logged model, in a new MLflow run.
 
-Prints one summary line; metrics are in nats per example (see pipelines.evaluate).
+Prints one summary line; metrics are in nats per example (see pipelines.evaluation.evaluate).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 from pipelines.config import ExecutionConfig
 from pipelines.data import check_available
 from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
-from pipelines.execution import resolve_device
+from pipelines.training.execution import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,14 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    classifier_train_size=number_option("classifier_train_size", args.classifier_train_size, int, 0, minimum=0),
                    classifier_epochs=number_option("classifier_epochs", args.classifier_epochs, int, 2, minimum=1))
     device = resolve_device(ExecutionConfig(device=args.device))
-    from pipelines.model_resolution import resolve_model  # heavy imports once the input is known to be good
+    from pipelines.models.model_resolution import resolve_model  # heavy imports once the input is known to be good
 
     resolved = resolve_model(args.model_uri)
     data = resolved.config.data
     check_available(replace(data, data_dir=args.data_dir) if args.data_dir else data)
-    from pipelines.evaluate import evaluate_model, summary_line
-    from pipelines.run_description import run_name
-    from pipelines.tracking import entry_point_run
+    from pipelines.evaluation.evaluate import evaluate_model, summary_line
+    from pipelines.tracking.run_description import run_name
+    from pipelines.tracking.runs import entry_point_run
 
     with entry_point_run(args.experiment, args.run_name or f"evaluate · {run_name(resolved.config)}") as logger:
         metrics = evaluate_model(resolved, device, logger, data_dir=args.data_dir, **options)

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Sequence
 
 from pipelines.config import ExecutionConfig
-from pipelines.entrypoints.common import UserError, add_run_arguments, number_option, run_main
-from pipelines.execution import resolve_device
+from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
+from pipelines.errors import UserError
+from pipelines.training.execution import resolve_device
 
 GRID_ARTIFACT = "generated/samples.png"
 GRID_PADDING = 2  # pixels between tiles, torchvision's make_grid default
@@ -78,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torchvision.utils import save_image
 
     from pipelines.data import DATASETS
-    from pipelines.model_resolution import load_cvae, resolve_model
-    from pipelines.tracking import entry_point_run
+    from pipelines.models.model_resolution import load_cvae, resolve_model
+    from pipelines.tracking.runs import entry_point_run
 
     resolved = resolve_model(args.model_uri)
     class_names = list(DATASETS[resolved.config.data.dataset].classes)

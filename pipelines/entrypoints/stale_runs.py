@@ -16,8 +16,9 @@ import time
 from datetime import datetime, timezone
 from typing import Sequence
 
-from pipelines.entrypoints.common import UserError, number_option, run_main
-from pipelines.liveness import DEFAULT_GRACE_S, close_stale_run, stale_runs
+from pipelines.entrypoints.common import number_option, run_main
+from pipelines.errors import UserError
+from pipelines.tracking.liveness import DEFAULT_GRACE_S, close_stale_run, stale_runs
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,10 +8,10 @@ from typing import Sequence
 from pipelines.config import to_dict
 from pipelines.config_cli import add_config_arguments, config_from_args
 from pipelines.entrypoints.common import add_run_arguments, run_main
-from pipelines.preflight import preflight
+from pipelines.training.preflight import preflight
 from pipelines.presets import preset_names
-from pipelines.run_description import run_name
-from pipelines.tracking import entry_point_run
+from pipelines.tracking.run_description import run_name
+from pipelines.tracking.runs import entry_point_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     preflight(config)  # device, data sizes, the model on the meta device: all before a run exists
     # Heavy imports only once the input is known to be good.
-    from pipelines.record import FULL, record_run
-    from pipelines.train import train
+    from pipelines.recording.record import FULL, record_run
+    from pipelines.training.train import train
 
     with entry_point_run(args.experiment, args.run_name or run_name(config)) as logger:
         result = train(config, logger)

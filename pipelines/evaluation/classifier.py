@@ -22,7 +22,7 @@ from cvae.classifier_net import ImageClassifier
 from cvae.evaluation import frechet_distance
 from pipelines.config import DataConfig
 from pipelines.data import SplitData, as_unit_floats, load_splits
-from pipelines.tracking import REPO_ROOT, RunLogger, end_run_for, new_logged_model, resolve_experiment_id, start_run
+from pipelines.tracking.runs import REPO_ROOT, RunLogger, end_run_for, new_logged_model, resolve_experiment_id, start_run
 
 CLASSIFIER_EXPERIMENT = "cvae-harness-classifiers"
 ARCHITECTURE_VERSION = "strided-cnn-v1"  # change when ImageClassifier changes, to retrain

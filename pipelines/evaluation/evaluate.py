@@ -28,13 +28,13 @@ import torch
 from cvae import CVAE, gaussian_kl
 from cvae.evaluation import active_units, iwae_nll, unit_activity
 from cvae.likelihood import bits_per_dim, is_exact, likelihood_kind
-from pipelines.classifier import DEFAULT_EPOCHS, accuracy, get_classifier, judge_samples
+from pipelines.evaluation.classifier import DEFAULT_EPOCHS, accuracy, get_classifier, judge_samples
 from pipelines.config import DataConfig, RunConfig, flatten
 from pipelines.data import Batcher, DatasetSplits, SplitData, as_unit_floats, load_splits
-from pipelines.execution import seed_everything
-from pipelines.model_resolution import ResolvedModel, load_cvae
-from pipelines.tracking import RunLogger
-from pipelines.train import evaluate_split
+from pipelines.training.execution import seed_everything
+from pipelines.models.model_resolution import ResolvedModel, load_cvae
+from pipelines.tracking.runs import RunLogger
+from pipelines.training.train import evaluate_split
 
 DEFAULT_IWAE_K = 1000
 # A few seconds for the default MLP on the 10k test images on two CPU cores (2-7 s measured on a busy machine).

@@ -16,7 +16,7 @@ from mlflow.types import Schema, TensorSpec
 import mlflow.pytorch
 from cvae import CVAE
 from pipelines.config import RunConfig, flatten
-from pipelines.tracking import REPO_ROOT, RunLogger, new_logged_model
+from pipelines.tracking.runs import REPO_ROOT, RunLogger, new_logged_model
 
 MODEL_NAME = "model"
 GENERATOR_NAME = "generator"
@@ -66,8 +66,8 @@ def log_generator(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInf
     from mlflow.models import Model
 
     import mlflow.pyfunc
-    from pipelines import generator_model
     from pipelines.data import DATASETS
+    from pipelines.models import generator_model
 
     class_names = list(DATASETS[config.data.dataset].classes)
     with tempfile.TemporaryDirectory() as tmp:

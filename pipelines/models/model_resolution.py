@@ -11,8 +11,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import RunConfig, from_params
-from pipelines.entrypoints.common import UserError
-from pipelines.model_io import GENERATOR_NAME, MODEL_NAME
+from pipelines.errors import UserError
+from pipelines.models.model_io import GENERATOR_NAME, MODEL_NAME
 
 ACCEPTED_FORMS = "models:/<model_id>, models:/NAME@alias, models:/NAME/<version>, or a run id"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 
 from pipelines.config import RunConfig, to_dict
-from pipelines.execution import device_description, hardware_description
-from pipelines.tracking import REPO_ROOT, RunLogger, command_line, git_commit
-from pipelines.train import TrainResult
+from pipelines.training.execution import device_description, hardware_description
+from pipelines.tracking.runs import REPO_ROOT, RunLogger, command_line, git_commit
+from pipelines.training.train import TrainResult
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -19,13 +19,13 @@ import torch
 
 from pipelines.config import RunConfig
 from pipelines.data import DatasetSplits, SplitData
-from pipelines.evaluate import log_training_evaluation, run_likelihood_kind, with_bits_per_dim
-from pipelines.manifest import log_manifest
-from pipelines.model_io import log_generator, log_model
-from pipelines.run_description import describe_run
-from pipelines.run_figures import figure_builders
-from pipelines.tracking import RunLogger
-from pipelines.train import TrainResult, evaluate_split
+from pipelines.evaluation.evaluate import log_training_evaluation, run_likelihood_kind, with_bits_per_dim
+from pipelines.recording.manifest import log_manifest
+from pipelines.models.model_io import log_generator, log_model
+from pipelines.tracking.run_description import describe_run
+from pipelines.recording.run_figures import figure_builders
+from pipelines.tracking.runs import RunLogger
+from pipelines.training.train import TrainResult, evaluate_split
 
 # The end-of-run IWAE and active units use this many test images: a few seconds even for a
 # convolutional decoder on a CPU. `evaluate` gives the full-test-set report.

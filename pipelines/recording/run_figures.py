@@ -7,9 +7,9 @@ import matplotlib.pyplot as plt
 import torch
 
 from cvae import CVAE
-from pipelines import figures
+from pipelines.recording import figures
 from pipelines.data import Batcher, DatasetSplits
-from pipelines.preset_figures import preset_figure_builders, split_latents
+from pipelines.recording.preset_figures import preset_figure_builders, split_latents
 
 SCATTER_POINTS = 5000
 TRAVERSAL_GRID = 15

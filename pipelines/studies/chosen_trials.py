@@ -18,10 +18,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipelines.config import RunConfig, from_params
 from pipelines.data import Batcher, DatasetSplits, load_splits
-from pipelines.record import BEST_TRIAL, DETAIL_TAG, FULL, record_run
-from pipelines.tracking import RunLogger
-from pipelines.train import TrainResult
-from pipelines.tune_tracking import RUN_ID_ATTR
+from pipelines.recording.record import BEST_TRIAL, DETAIL_TAG, FULL, record_run
+from pipelines.tracking.runs import RunLogger
+from pipelines.training.train import TrainResult
+from pipelines.studies.tune_tracking import RUN_ID_ATTR
 
 PARETO_RECORD_CAP = 8  # Pareto-front trials that get figures and evaluation; a wide front is capped
 RECORDED_IN_FULL = (FULL.name, BEST_TRIAL.name)

@@ -24,13 +24,13 @@ from optuna.storages.journal import JournalFileBackend
 from cvae.config import ConfigError, require, require_choice
 from pipelines.config import RunConfig, flatten, with_overrides
 from pipelines.data import DataUnavailableError, DatasetSplits, load_splits
-from pipelines.execution import resolve_device
-from pipelines.tracking import RunLogger, require_tracking_server, resolve_experiment_id
-from pipelines.chosen_trials import chosen_trials, record_chosen_trials
-from pipelines.record import FULL, TRIAL, record_run
-from pipelines.run_description import name_trial
-from pipelines.train import NonFiniteLossError, TrainResult, train
-from pipelines.tune_tracking import (close_abandoned_trial, close_stale_trial, local_stores_lock, summarise_study,
+from pipelines.training.execution import resolve_device
+from pipelines.tracking.runs import RunLogger, require_tracking_server, resolve_experiment_id
+from pipelines.studies.chosen_trials import chosen_trials, record_chosen_trials
+from pipelines.recording.record import FULL, TRIAL, record_run
+from pipelines.tracking.run_description import name_trial
+from pipelines.training.train import NonFiniteLossError, TrainResult, train
+from pipelines.studies.tune_tracking import (close_abandoned_trial, close_stale_trial, local_stores_lock, summarise_study,
                                      trial_run)
 
 if TYPE_CHECKING:  # search spaces build on this layer; only their type is named here
@@ -392,17 +392,21 @@ def log_study_params(parent: RunLogger, settings: StudySettings, base: RunConfig
 
 
 def run_trials(study: optuna.Study, settings: StudySettings, space: SearchSpace, base: RunConfig,
-               parent: RunLogger, n_trials: int | None, splits: DatasetSplits | None = None) -> DatasetSplits:
-    """Run this process's trials as children of ``parent``; return the data they shared.
+               parent: RunLogger, n_trials: int | None, splits: DatasetSplits | None = None,
+               stop_at_trials: int | None = None) -> DatasetSplits:
+    """Run this process's trials as children of ``parent`` (at most ``n_trials``, and none once the
+    study holds ``stop_at_trials`` trials of any state); return the data they shared.
 
     Ctrl-C (or SIGTERM) fails the running trial, closes its run KILLED and propagates.
     """
     splits = splits or load_splits(base.data, resolve_device(base.execution))
     objective = TrialObjective(settings, space, base, parent, splits)
+    callbacks = [] if stop_at_trials is None else [optuna.study.MaxTrialsCallback(stop_at_trials, states=None)]
     try:
         # No gc_after_trial: a full collection over torch's and MLflow's objects took seconds per
         # trial, and a trial's model and optimizer are freed by reference counting anyway.
-        study.optimize(objective, n_trials=n_trials, timeout=settings.timeout, catch=TRIAL_FAILURES)
+        study.optimize(objective, n_trials=n_trials, timeout=settings.timeout, catch=TRIAL_FAILURES,
+                       callbacks=callbacks)
     except KeyboardInterrupt:
         if objective.current is not None:
             close_abandoned_trial(study, parent.client, objective.current)

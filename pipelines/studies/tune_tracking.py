@@ -21,9 +21,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.entities.model_registry import ModelVersion
 from optuna.trial import FrozenTrial, TrialState
 
-from pipelines.run_description import describe_study
-from pipelines.liveness import heartbeat
-from pipelines.tracking import RunLogger, end_run_for, start_run
+from pipelines.tracking.run_description import describe_study
+from pipelines.tracking.liveness import heartbeat
+from pipelines.tracking.runs import RunLogger, end_run_for, start_run
 
 RUN_ID_ATTR = "mlflow_run_id"
 PARENT_RUN_ID_ATTR = "mlflow_parent_run_id"

@@ -4,8 +4,10 @@ Optuna's ``n_jobs`` runs trials in threads under one interpreter lock; here ever
 own process running the same `tune` command on the same study and storage, so seeds, threads and
 devices are per process. Each CPU worker gets its share of the cores (cores ÷ workers, unless
 ``threads`` is given), GPUs are spread over the visible devices (several workers per GPU when
-there are more workers than GPUs), and the trials to run are divided between them. The
-coordinating process opens the parent run, waits, and concludes the study once.
+there are more workers than GPUs). The workers draw trials from the study as they go, so a worker
+that gets short trials runs more of them: each stops when the study holds as many trials as it had
+when the command started plus ``n_trials`` (Optuna's ``MaxTrialsCallback``). The coordinating
+process opens the parent run, waits, and concludes the study once.
 """
 from __future__ import annotations
 
@@ -22,46 +24,35 @@ from pipelines.config import RunConfig
 
 WORKER_OF_FLAG = "--worker-of"
 WORKER_INDEX_FLAG = "--worker-index"
+STOP_AT_TRIALS_FLAG = "--stop-at-trials"
 STOP_GRACE_S = 120  # how long stopped workers get to close their trials before they are killed
 
 
 @dataclass(frozen=True)
 class WorkerPlan:
     index: int
-    n_trials: int | None
     device: str | None  # None: the study's own device setting
     threads: int | None  # None: the study's own threads setting
 
 
-def divide_trials(n_trials: int | None, workers: int) -> list[int | None]:
-    """``n_trials`` split as evenly as possible (the total stays exact); None stays unlimited."""
-    if n_trials is None:
-        return [None] * workers
-    return [n_trials // workers + (1 if i < n_trials % workers else 0) for i in range(workers)]
-
-
 def plan_workers(base: RunConfig, workers: int, n_trials: int | None,
                  cpu_count: int | None = None, gpu_count: int | None = None) -> list[WorkerPlan]:
-    """Which device and how many threads each worker gets, and how many trials it runs."""
+    """Which device and how many threads each worker gets; never more workers than trials."""
     cpu_count = cpu_count or os.cpu_count() or 1
     gpu_count = torch.cuda.device_count() if gpu_count is None else gpu_count
     on_gpus = base.execution.device in ("auto", "cuda") and gpu_count > 0
-    plans = []
-    for index, share in enumerate(divide_trials(n_trials, workers)):
-        if share == 0:
-            continue
-        device = f"cuda:{index % gpu_count}" if on_gpus else None
-        threads = None if base.execution.threads else max(1, cpu_count // workers)
-        plans.append(WorkerPlan(index, share, device, threads))
-    return plans
+    count = workers if n_trials is None else min(workers, n_trials)
+    threads = None if base.execution.threads else max(1, cpu_count // count)
+    return [WorkerPlan(index, f"cuda:{index % gpu_count}" if on_gpus else None, threads) for index in range(count)]
 
 
-def worker_command(argv: Sequence[str], plan: WorkerPlan, parent_run_id: str) -> list[str]:
+def worker_command(argv: Sequence[str], plan: WorkerPlan, parent_run_id: str,
+                   stop_at_trials: int | None) -> list[str]:
     """The `tune` command line of one worker: the user's own, with later flags that win."""
     command = [sys.executable, "-m", "pipelines.entrypoints.tune", *argv, "--workers", "1",
                WORKER_OF_FLAG, parent_run_id, WORKER_INDEX_FLAG, str(plan.index)]
-    if plan.n_trials is not None:
-        command += ["--n-trials", str(plan.n_trials)]
+    if stop_at_trials is not None:
+        command += [STOP_AT_TRIALS_FLAG, str(stop_at_trials)]
     if plan.device:
         command += ["--device", plan.device]
     if plan.threads:
@@ -69,8 +60,10 @@ def worker_command(argv: Sequence[str], plan: WorkerPlan, parent_run_id: str) ->
     return command
 
 
-def run_workers(argv: Sequence[str], plans: Sequence[WorkerPlan], parent_run_id: str) -> list[int]:
-    """Start every worker and wait for all of them; return their exit codes.
+def run_workers(argv: Sequence[str], plans: Sequence[WorkerPlan], parent_run_id: str,
+                stop_at_trials: int | None) -> list[int]:
+    """Start every worker and wait for all of them; return their exit codes. Each stops when the
+    study holds ``stop_at_trials`` trials (None: at the study's timeout).
 
     Ctrl-C in a terminal reaches the workers directly (one process group). A SIGTERM or Ctrl-C
     that only this process received is passed on, so no worker outlives the invocation; after
@@ -79,10 +72,9 @@ def run_workers(argv: Sequence[str], plans: Sequence[WorkerPlan], parent_run_id:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # that run is the parent's
     processes = []
     for plan in plans:
-        print(f"worker {plan.index}: {plan.n_trials or 'unlimited'} trials on "
-              f"{plan.device or 'the study device'}"
+        print(f"worker {plan.index}: on {plan.device or 'the study device'}"
               + (f", {plan.threads} CPU threads" if plan.threads else ""), flush=True)
-        processes.append(subprocess.Popen(worker_command(argv, plan, parent_run_id), env=env))
+        processes.append(subprocess.Popen(worker_command(argv, plan, parent_run_id, stop_at_trials), env=env))
     try:
         return [process.wait() for process in processes]
     except KeyboardInterrupt:

@@ -28,13 +28,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NAME, ML
 
 from pipelines.config import RunConfig
 from pipelines.presets import preset_config
-from pipelines.tracking import RunLogger
+from pipelines.tracking.runs import RunLogger
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from pipelines.data import DatasetSplits
-    from pipelines.train import TrainResult
+    from pipelines.training.train import TrainResult
 
 # Conditioning -> what the name says after the architecture ("mlp", "conv-decoder", "mlp-vae").
 CONDITIONING_SUFFIX = {"concat": "", "channel": "-channel", "decoder": "-decoder", "none": "-vae"}

@@ -24,7 +24,7 @@ from mlflow.tracking.context.registry import resolve_tags as resolve_context_tag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _BATCH = 100  # MLflow's log_batch accepts at most 100 params per call
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the UI (3.x) to pick the experiment's view
 MACHINE_LEARNING_KIND = "custom_model_development"  # the UI's "Machine learning": the runs table
@@ -254,7 +254,7 @@ def entry_point_run(experiment: str | None = None, run_name: str | None = None,
     else:
         run_id = start_run(client, experiment, run_name, tags=tags)
     logger = RunLogger(run_id, client)
-    from pipelines.liveness import heartbeat  # the tag `stale_runs` reads to find killed runs
+    from pipelines.tracking.liveness import heartbeat  # the tag `stale_runs` reads to find killed runs
     try:
         with heartbeat(client, run_id):
             yield logger

@@ -14,7 +14,7 @@ import torch
 from cvae.config import ConfigError
 from pipelines.config import RunConfig
 from pipelines.data import check_available, dataset_shape
-from pipelines.execution import resolve_device
+from pipelines.training.execution import resolve_device
 
 # Training holds each parameter four times: the weights, their gradients and Adam's two moments.
 COPIES_IN_TRAINING = 4

@@ -2,7 +2,7 @@
 
 ``train`` trains, validates, early-stops and reports each epoch; it logs params, tags and
 per-epoch metrics only. Saying what the finished model is (test metrics, figures, evaluation,
-the model, the manifest) is ``pipelines.record``'s job, which imports this module.
+the model, the manifest) is ``pipelines.recording.record``'s job, which imports this module.
 
 Losses are nats per example: reconstruction summed over pixels, KL summed over latent
 dimensions, both averaged over the batch.
@@ -24,11 +24,11 @@ from cvae import CVAE, kl_weight_at, negative_elbo
 from cvae.likelihood import likelihood_kind
 from pipelines.config import RunConfig, flatten
 from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
-from pipelines.execution import (autocast, configure_determinism, configure_threads, device_description,
+from pipelines.training.execution import (autocast, configure_determinism, configure_threads, device_description,
                                  grad_scaler, is_deterministic, keep_freed_memory, resolve_device,
                                  seed_everything)
-from pipelines.run_description import log_dataset
-from pipelines.tracking import RunLogger, git_commit
+from pipelines.tracking.run_description import log_dataset
+from pipelines.tracking.runs import RunLogger, git_commit
 
 # Evaluation batch: a conv layer's activations for 250 images stay under glibc's 32 MB mmap limit,
 # so freed buffers are reused from the heap; at 1000 images every batch mapped and unmapped
@@ -117,7 +117,7 @@ def _train_epoch(model, optimizer, scaler, batcher, split, config, device, epoch
         bar.update(len(y))
     loss, recon, kl = (totals / len(split)).tolist()
     if not all(math.isfinite(v) for v in (loss, recon, kl)):
-        from pipelines.divergence import divergence_message
+        from pipelines.training.divergence import divergence_message
         raise NonFiniteLossError(divergence_message(config, "training", epoch, {"loss": loss, "recon": recon, "kl": kl}))
     return {"loss": loss, "recon": recon, "kl": kl, "kl_weight": beta}
 
@@ -142,7 +142,7 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's validation (Optuna reports and prunes
     there; an exception it raises stops training and propagates). The returned model is the
-    best checkpoint by validation loss; record it with ``pipelines.record.record_run``.
+    best checkpoint by validation loss; record it with ``pipelines.recording.record.record_run``.
     """
     device = resolve_device(config.execution)
     configure_threads(config.execution)
@@ -183,7 +183,7 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
               f"val/recon {val_terms['recon']:.2f}  val/kl {val_terms['kl']:.2f}  "
               f"{metrics['examples_per_s']:.0f} img/s", flush=True)
         if not math.isfinite(val_terms["loss"]):
-            from pipelines.divergence import divergence_message
+            from pipelines.training.divergence import divergence_message
             raise NonFiniteLossError(divergence_message(config, "validation", epoch, val_terms))
         if val_terms["loss"] < best_val:
             best_val, best_epoch, stale = val_terms["loss"], epoch, 0
