@@ -243,6 +243,9 @@ def measure_recording(table: Table, workdir: Path, sizes: Sizes) -> None:
 def measure_study(table: Table, workdir: Path, sizes: Sizes) -> None:
     common = ["--space", sizes.study_space, *data_args(sizes.study_images), "--epochs", str(sizes.study_epochs),
               "--n-trials", str(sizes.study_trials), "--sampler-seed", "0", "--register-as", "none",
+              # No pruning: which trials a median pruner stops depends on the order they finish in,
+              # so 1 and 2 workers would not train the same trials.
+              "--pruner", "none",
               "--storage", f"sqlite:///{workdir / 'optuna.db'}"]
     per_hour = {}
     for workers in (1, 2):

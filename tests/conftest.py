@@ -60,11 +60,16 @@ def make_store(root: Path, data_dir: Path) -> Store:
 
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
+    from pipelines.evaluation.classifier import CLASSIFIER_EXPERIMENT
+
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    # Created here with an artifact root under ``root``: left to MLflow, the Default experiment's
-    # artifacts would go to ./mlruns of whichever process created the store (the repository).
+    # Every experiment a test writes to is made here with its artifacts under ``root``: left to
+    # MLflow, an experiment's artifacts go to ./mlruns of the process that created it, and
+    # `mlflow run` runs entry points in the repository.
     SqlAlchemyStore(uri, default_artifact_root=(root / "default-artifacts").as_uri())
-    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    client = MlflowClient(uri)
+    client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    client.create_experiment(CLASSIFIER_EXPERIMENT, artifact_location=(root / "classifier-artifacts").as_uri())
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
            "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1", "PYTHONPATH": str(REPO),
            "PYTHONUNBUFFERED": "1",
