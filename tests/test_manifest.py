@@ -28,6 +28,7 @@ def logged(tmp_path_factory, data_dir):
     import mlflow
     from mlflow import MlflowClient
 
+    from pipelines.evaluation.classifier import CLASSIFIER_EXPERIMENT
     from pipelines.recording.record import FULL, record_run
     from pipelines.tracking.runs import entry_point_run
     from pipelines.training.train import train
@@ -42,6 +43,8 @@ def logged(tmp_path_factory, data_dir):
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         client.create_experiment("manifest", artifact_location=(root / "artifacts").as_uri())
+        # The run judges its samples: the classifier's experiment keeps its artifacts here too.
+        client.create_experiment(CLASSIFIER_EXPERIMENT, artifact_location=(root / "classifier").as_uri())
         config = with_overrides(RunConfig(), TINY)
         try:
             with entry_point_run("manifest") as logger:
