@@ -16,6 +16,7 @@ from pipelines.config import RunConfig, from_dict, with_overrides
 from pipelines.recording.manifest import (DIFF_FILE, MANIFEST_FILE, installed_packages, load_manifest, log_manifest,
                                 weights_sha256)
 from pipelines.tracking.runs import RunLogger, git_commit
+from conftest import EXPERIMENT, make_store
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 TINY = {"data.dataset": "fashion-mnist", "data.limit_train": 600, "data.val_size": 200,
@@ -26,28 +27,22 @@ TINY = {"data.dataset": "fashion-mnist", "data.limit_train": 600, "data.val_size
 def logged(tmp_path_factory, data_dir):
     """One tiny training logged in-process to a throw-away store."""
     import mlflow
-    from mlflow import MlflowClient
 
-    from pipelines.evaluation.classifier import CLASSIFIER_EXPERIMENT
     from pipelines.recording.record import FULL, record_run
     from pipelines.tracking.runs import entry_point_run
     from pipelines.training.train import train
 
-    root = tmp_path_factory.mktemp("manifest-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    store = make_store(tmp_path_factory.mktemp("manifest-store"), data_dir)
     previous = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in {"MLFLOW_TRACKING_URI": uri, "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1"}.items():
+        for name, value in {"MLFLOW_TRACKING_URI": store.uri, "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1"}.items():
             patch.setenv(name, value)
         patch.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
-        client.create_experiment("manifest", artifact_location=(root / "artifacts").as_uri())
-        # The run judges its samples: the classifier's experiment keeps its artifacts here too.
-        client.create_experiment(CLASSIFIER_EXPERIMENT, artifact_location=(root / "classifier").as_uri())
+        mlflow.set_tracking_uri(store.uri)
+        client = store.client
         config = with_overrides(RunConfig(), TINY)
         try:
-            with entry_point_run("manifest") as logger:
+            with entry_point_run(EXPERIMENT) as logger:
                 result = train(config, logger)
                 recorded = record_run(logger, result, config, FULL)
             yield SimpleNamespace(client=client, run_id=logger.run_id, result=result, config=config,

@@ -15,7 +15,7 @@ from pipelines.training.preflight import preflight
 from pipelines.tracking.runs import RunLogger, entry_point_run
 from pipelines.studies.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, HEARTBEAT_GRACE_S, OBJECTIVES, PRUNERS, SAMPLERS,
                             TRIAL_ARTIFACTS, StudySettings, conclude_study, log_study_params, note_pruning,
-                            prepare_study, run_study, run_trials)
+                            prepare_study, run_study, run_trials, trials_to_run)
 from pipelines.studies.workers import (STOP_AT_TRIALS_FLAG, WORKER_INDEX_FLAG, WORKER_OF_FLAG, plan_workers,
                                       run_workers)
 from search_spaces import resolve_space, space_names
@@ -135,7 +135,7 @@ def coordinate_workers(study, settings: StudySettings, base, parent: RunLogger, 
     as many as it had now plus ``n_trials``, so none idles while another has a queue."""
     note_pruning(settings)
     log_study_params(parent, settings, base)
-    n_trials = settings.n_trials or (None if settings.timeout else DEFAULT_TRIALS)
+    n_trials = trials_to_run(settings)
     stop_at_trials = None if n_trials is None else len(study.get_trials(deepcopy=False)) + n_trials
     plans = plan_workers(base, settings.workers, n_trials)
     try:

@@ -424,12 +424,18 @@ def conclude_study(study: optuna.Study, settings: StudySettings, base: RunConfig
     summarise_study(study, parent, settings.objectives, settings.register_as or None, trials, chosen)
 
 
+def trials_to_run(settings: StudySettings) -> int | None:
+    """How many trials an invocation adds: ``n_trials``, else none counted when a timeout stops it,
+    else DEFAULT_TRIALS."""
+    return settings.n_trials or (None if settings.timeout else DEFAULT_TRIALS)
+
+
 def run_study(study: optuna.Study, settings: StudySettings, space: SearchSpace, base: RunConfig,
               parent: RunLogger) -> None:
     """Run this process's trials, then conclude the study in the parent run (also after Ctrl-C)."""
     note_pruning(settings)
     log_study_params(parent, settings, base)
-    n_trials = settings.n_trials or (None if settings.timeout else DEFAULT_TRIALS)
+    n_trials = trials_to_run(settings)
     splits = None
     try:
         splits = run_trials(study, settings, space, base, parent, n_trials)
