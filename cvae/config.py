@@ -6,7 +6,7 @@ configuration can never be built, and every error names the field and the accept
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cvae.registry import architecture_names
 
@@ -20,6 +20,14 @@ INITS = ("torch", "glorot_uniform")  # glorot_uniform: Keras' default (weights),
 # exp of cvae.model.LOG_STD_RANGE: the model clamps its std to this range, so a std outside it
 # would train as another value while the run's params say otherwise.
 GAUSSIAN_STD_RANGE = (math.exp(-6.0), math.exp(2.0))
+
+
+def described(default, help: str, choices=None):
+    """A configuration field with what it means: the one text behind its ``--help`` line and its row in
+    docs/configuration.md (``pipelines.config_docs``). ``choices``: the accepted values, a tuple or a
+    function returning one (the validation in ``__post_init__`` checks the same constants)."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    return field(default=default, metadata=metadata)
 
 
 class ConfigError(ValueError):
@@ -70,25 +78,38 @@ def _positive_ints(values) -> bool:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "mlp"
-    conditioning: str = "concat"
-    latent_dim: int = 16
-    hidden: tuple[int, ...] = (512, 256)  # mlp: widths of the encoder (reversed for the decoder)
-    activation: str = "relu"
-    channels: tuple[int, ...] = (32, 64)  # conv: one stride-2 stage per entry
-    conv_decoder: str = "transpose"
-    batch_norm: bool = False
-    likelihood: str = "bernoulli"
-    gaussian_variance: str = "fixed"
-    gaussian_std: float = 1.0  # gaussian and discretized_logistic: the pixel noise std (fixed, or initial when learned)
-    init: str = "torch"  # weight initialisation: PyTorch's defaults, or Keras' glorot_uniform
-    # BatchNorm layers, PyTorch convention: momentum weighs the new batch statistics (Keras'
-    # momentum 0.99 is 0.01 here; Keras' eps is 1e-3).
-    batch_norm_momentum: float = 0.1
-    batch_norm_eps: float = 1e-5
-    # Keras activity_regularizer=l2(c) on the encoder's first hidden layer: the gradient of
-    # c * sum(h^2) (batch mean) is added in training; logged losses stay nats and do not include it.
-    activity_l2: float = 0.0
+    arch: str = described("mlp", "encoder/decoder family (cvae.registry): mlp, conv, or a reference notebook's "
+                                 "network (ref-*)", choices=architecture_names)
+    conditioning: str = described(
+        "concat", "how the one-hot label reaches the model: concat joins it to the encoder's features, channel "
+                  "adds it as constant input channels of the encoder, decoder gives it to the decoder only (the "
+                  "other two do too), none makes a plain VAE", choices=CONDITIONINGS)
+    latent_dim: int = described(16, "latent dimensions")
+    hidden: tuple[int, ...] = described((512, 256), "mlp: encoder widths, comma-separated (reversed for the decoder)")
+    activation: str = described("relu", "activation of the mlp and conv layers", choices=ACTIVATIONS)
+    channels: tuple[int, ...] = described((32, 64), "conv: encoder channels, one stride-2 stage per entry "
+                                                    "(reversed for the decoder)")
+    conv_decoder: str = described("transpose", "conv: how the decoder upsamples (transposed convolutions, or "
+                                               "nearest-neighbour upsampling then a convolution)",
+                                  choices=CONV_DECODERS)
+    batch_norm: bool = described(False, "conv: BatchNorm after every convolution")
+    likelihood: str = described(
+        "bernoulli", "pixel likelihood p(x|z); what its numbers are also depends on data.binarize "
+                     "(docs/units.md)", choices=LIKELIHOODS)
+    gaussian_variance: str = described("fixed", "gaussian and discretized_logistic: the pixel noise std is "
+                                                "fixed, or one learned parameter", choices=GAUSSIAN_VARIANCES)
+    gaussian_std: float = described(1.0, "gaussian and discretized_logistic: the pixel noise std (fixed, or "
+                                         "initial when learned), in [%.4g, %.4g]" % GAUSSIAN_STD_RANGE)
+    init: str = described("torch", "weight initialisation: PyTorch's defaults, or Keras' Glorot-uniform "
+                                   "weights with zero biases", choices=INITS)
+    # PyTorch's momentum weighs the new batch statistics, Keras' the old ones.
+    batch_norm_momentum: float = described(0.1, "momentum of every BatchNorm layer, in (0, 1], PyTorch's "
+                                                "convention (Keras' 0.99 is 0.01)")
+    batch_norm_eps: float = described(1e-5, "eps of every BatchNorm layer (Keras' default: 1e-3)")
+    # Only its gradient: a penalty inside the logged losses would make them something other than nats.
+    activity_l2: float = described(0.0, "Keras' activity_regularizer=l2(c) on the mlp encoder's first hidden "
+                                        "layer: the gradient of c * sum(h^2) (batch mean) is added in training; "
+                                        "logged losses stay nats; 0 = off")
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", _as_int_tuple("model.hidden", self.hidden))
@@ -125,11 +146,14 @@ class ObjectiveConfig:
     # sees it in x) and its decoder learns to read the class from z rather than from the label,
     # so samples for a requested label come out as another class (classifier-judged sample
     # accuracy 0.67 after 10 epochs on Fashion-MNIST); beta = 3 squeezes that redundant
-    # information out of z (0.81 after 4 epochs; README: Evaluation). neg_elbo stays the beta = 1 bound.
-    kl_weight: float = 3.0
-    warmup_epochs: float = 0.0  # beta rises linearly from 0 over this many epochs
-    free_bits: float = 0.0  # nats per latent dimension below which KL is not penalised
-    kl_estimator: str = "analytic"
+    # information out of z (0.81 after 4 epochs; docs/evaluation.md). neg_elbo stays the beta = 1 bound.
+    kl_weight: float = described(3.0, "β, the weight of the KL term in the training objective (val/neg_elbo "
+                                      "stays the β = 1 bound)")
+    warmup_epochs: float = described(0.0, "β rises linearly from 0 over this many epochs (fractions allowed); "
+                                          "0 = no warm-up")
+    free_bits: float = described(0.0, "nats per latent dimension below which the KL is not penalised; 0 = off")
+    kl_estimator: str = described("analytic", "the KL term: closed form, or the single-sample Monte Carlo "
+                                               "estimate at the sampled z", choices=KL_ESTIMATORS)
 
     def __post_init__(self):
         require(self.kl_weight >= 0, "objective.kl_weight", self.kl_weight, "a number >= 0")

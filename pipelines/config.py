@@ -12,24 +12,29 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from cvae.config import ConfigError, ModelConfig, ObjectiveConfig, require, require_choice
+from cvae.config import ConfigError, ModelConfig, ObjectiveConfig, described, require, require_choice
 
 DATASETS = ("mnist", "fashion-mnist", "kmnist")
 BINARIZATIONS = ("none", "static", "dynamic")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DETERMINISM = ("auto", "true", "false")
 MAX_SEED = 2**63 - 1  # torch generators take at most 64 bits; negative seeds are a typo, not a seed
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "mnist"
-    data_dir: str = ""  # empty: --data-dir, else $CVAE_DATA_DIR, else ./data (resolved in pipelines.data)
-    binarize: str = "none"
-    val_size: int = 5000
-    split_seed: int = 0
-    limit_train: int = 0  # 0: the whole training split
-    limit_test: int = 0  # 0: the whole official test set
+    dataset: str = described("mnist", "the image dataset; classes and image shape come from it", choices=DATASETS)
+    # Resolved in pipelines.data, so the recorded config says what was asked, not this machine's path.
+    data_dir: str = described("", "where the dataset's files are looked for first; empty: $CVAE_DATA_DIR, else "
+                                    "./data (docs/configuration.md: Data)")
+    binarize: str = described("none", "grey pixels as they are, thresholded at 0.5 once, or drawn from their grey "
+                                      "level anew every training epoch (fixed draws for validation and test)",
+                              choices=BINARIZATIONS)
+    val_size: int = described(5000, "validation images, drawn from the training set with split_seed")
+    split_seed: int = described(0, "seed of the train/validation split")
+    limit_train: int = described(0, "train on N images of the training split (drawn with split_seed); 0 = all")
+    limit_test: int = described(0, "test on the first N images of the official test set; 0 = all")
 
     def __post_init__(self):
         require_choice("data.dataset", self.dataset, DATASETS)
@@ -42,16 +47,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    epochs: int = 20
-    patience: int = 5  # epochs without validation improvement before stopping; 0 disables
-    grad_clip: float = 0.0  # max gradient norm; 0 disables
-    # Keep the best validation epoch's weights at the end (false: the last epoch's, as Keras'
-    # EarlyStopping does without restore_best_weights).
-    restore_best: bool = True
+    optimizer: str = described("adam", "the optimizer (sgd with momentum 0.9)", choices=OPTIMIZERS)
+    lr: float = described(1e-3, "learning rate")
+    weight_decay: float = described(0.0, "weight decay (L2 for adam and sgd, decoupled for adamw)")
+    batch_size: int = described(128, "training examples per step")
+    epochs: int = described(20, "most epochs to train")
+    patience: int = described(5, "epochs without a lower val/loss before training stops; 0 = never stop early")
+    grad_clip: float = described(0.0, "largest gradient norm; 0 = no clipping")
+    restore_best: bool = described(True, "end with the best validation epoch's weights; false: the last epoch's "
+                                         "(Keras' EarlyStopping without restore_best_weights)")
 
     def __post_init__(self):
         require_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
@@ -65,11 +69,16 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ExecutionConfig:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # bf16/fp16 autocast on CUDA only
-    deterministic: str = "auto"  # auto: on for CPU, off for CUDA (speed); true | false
-    threads: int = 0  # CPU threads for torch; 0 = torch's default (all cores); workers get cores / workers
+    seed: int = described(0, "seed of the initial weights, the batch order and training's random draws "
+                                "(z, dynamic binarization)")
+    device: str = described("auto", "where to train; auto: CUDA when available, else the CPU",
+                            choices=("auto", "cpu", "cuda", "cuda:N"))
+    precision: str = described("fp32", "bf16 and fp16 train under autocast on CUDA (fp16 with a gradient "
+                                       "scaler); losses are always float32", choices=PRECISIONS)
+    deterministic: str = described("auto", "torch's deterministic algorithms, for bitwise-repeatable "
+                                           "runs; auto: on for the CPU, off for CUDA (speed)", choices=DETERMINISM)
+    threads: int = described(0, "torch's CPU threads; 0 = torch's default (all cores); study workers get "
+                                "cores ÷ workers")
 
     def __post_init__(self):
         dev = self.device
@@ -78,7 +87,7 @@ class ExecutionConfig:
         require(valid_device, "execution.device", dev, "one of auto, cpu, cuda, cuda:N")
         require(0 <= self.seed <= MAX_SEED, "execution.seed", self.seed, f"an integer in 0..{MAX_SEED}")
         require_choice("execution.precision", self.precision, PRECISIONS)
-        require_choice("execution.deterministic", self.deterministic, ("auto", "true", "false"))
+        require_choice("execution.deterministic", self.deterministic, DETERMINISM)
         require(self.threads >= 0, "execution.threads", self.threads, "an integer >= 0 (0 = all cores)")
 
 
@@ -89,7 +98,8 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
-    preset: str = ""  # the named configuration this one started from, for the record
+    preset: str = described("", "the named configuration to start from (docs/presets.md); the fields "
+                                "given beside it override its values")
 
 
 SECTIONS = ("data", "model", "objective", "optim", "execution")
@@ -115,6 +125,45 @@ def field_index() -> dict[str, tuple[str, str, Any]]:
                 raise RuntimeError(f"field name {name!r} is used by two sections; CLI flags must be unique")
             index[name] = (section, name, typ)
     return index
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """What a configuration field is, as its ``--help`` line and docs/configuration.md show it."""
+    key: str  # dotted: model.latent_dim
+    kind: str  # what a value is: "integer", "number", "true or false", "comma-separated integers", "text"
+    default: str  # as a flag or -P parameter takes it: "512,256", "false"
+    help: str  # "" when the field was declared without described(...)
+    choices: tuple[str, ...]  # the accepted values; () when any value of its kind is
+
+
+_KINDS = {int: "integer", float: "number", bool: "true or false", str: "text"}
+
+
+def as_text(value) -> str:
+    """A value as the command line takes it (and flatten() logs it): 512,256 / true / 0.001."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _field_doc(key: str, spec: dataclasses.Field, typ) -> FieldDoc:
+    choices = spec.metadata.get("choices", ())
+    choices = choices() if callable(choices) else choices
+    kind = "comma-separated integers" if typing.get_origin(typ) is tuple else _KINDS.get(typ, "text")
+    return FieldDoc(key, kind, as_text(spec.default), spec.metadata.get("help", ""), tuple(choices))
+
+
+def field_docs() -> list[FieldDoc]:
+    """Every field of RunConfig, section by section in declaration order, then ``preset``."""
+    docs = []
+    for section, cls in _section_types().items():
+        types = _field_types(cls)
+        docs += [_field_doc(f"{section}.{spec.name}", spec, types[spec.name]) for spec in fields(cls)]
+    preset = next(spec for spec in fields(RunConfig) if spec.name == "preset")
+    return docs + [_field_doc("preset", preset, str)]
 
 
 def _parse_int(text: str) -> int:

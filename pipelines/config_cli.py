@@ -6,10 +6,24 @@ presets built on top of it.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from cvae.config import ConfigError
-from pipelines.config import SECTIONS, RunConfig, field_index, with_overrides
-from pipelines.presets import preset_config
+from pipelines.config import FieldDoc, RunConfig, field_docs, with_overrides
+from pipelines.presets import preset_config, preset_names
+
+
+def documented_fields() -> list[FieldDoc]:
+    """Every configuration field with its meaning and accepted values, the presets named: the one
+    source of the flags' --help and of docs/configuration.md's table."""
+    return [replace(doc, choices=preset_names()) if doc.key == "preset" else doc for doc in field_docs()]
+
+
+def flag_help(doc: FieldDoc) -> str:
+    """A field's --help line: the same text as its row in docs/configuration.md."""
+    accepted = f"{', '.join(doc.choices)}; " if doc.choices else ""
+    text = f"{doc.key}: {doc.help} ({accepted}default: {doc.default or 'empty'})"
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,21 +32,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     Defaults are suppressed so that only what the user gave overrides the preset. An empty value
     (what MLproject passes for a parameter left unset) also means "not given".
     """
-    index = field_index()
-    for section in SECTIONS:
-        group = parser.add_argument_group(section)
-        defaults = getattr(RunConfig(), section)
-        for name, (_, _, typ) in index.items():
-            if index[name][0] != section:
-                continue
-            dashed = name.replace("_", "-")
-            flags = [f"--{dashed}"] + ([f"--{name}"] if dashed != name else [])
-            default = getattr(defaults, name)
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            group.add_argument(*flags, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="VALUE",
-                               help=f"{section}.{name} (default: {shown!r})")
-    parser.add_argument("--preset", default=argparse.SUPPRESS,
-                        help="start from a named configuration (see --list-presets)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for doc in documented_fields():
+        if doc.key == "preset":
+            parser.add_argument("--preset", default=argparse.SUPPRESS, metavar="NAME", help=flag_help(doc))
+            continue
+        section, name = doc.key.split(".")
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
+        dashed = name.replace("_", "-")
+        flags = [f"--{dashed}"] + ([f"--{name}"] if dashed != name else [])
+        group.add_argument(*flags, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="VALUE",
+                           help=flag_help(doc))
     parser.add_argument("--set", dest="cfg_set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any field by dotted name, e.g. --set model.hidden=64,16,8")
 
