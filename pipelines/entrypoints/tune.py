@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(study, "pruner_startup_trials", default="5", help="median pruner: trials before any pruning")
     _flag(study, "pruner_warmup_epochs", default="0", help="median pruner: epochs before a trial may be pruned")
     _flag(study, "n_trials", default="",
-          help=f"trials this process runs (default {DEFAULT_TRIALS}, or unlimited when --timeout is given)")
+          help=f"trials this invocation runs, with --workers N their total (default {DEFAULT_TRIALS}, or "
+               "unlimited when --timeout is given)")
     _flag(study, "timeout", default="", help="stop starting trials after this many seconds")
     _flag(study, "register_as", default="",
           help=f"registered model name for the best trial's model, alias @best (default: the study name; "

@@ -78,7 +78,7 @@ class StudySettings:
     pruner: str = "median"
     pruner_startup_trials: int = 5
     pruner_warmup_epochs: int = 0
-    n_trials: int | None = None  # per process; None with no timeout means DEFAULT_TRIALS
+    n_trials: int | None = None  # this invocation's, its workers' total; None with no timeout means DEFAULT_TRIALS
     timeout: float | None = None  # seconds
     register_as: str = ""  # registered model name; "" registers nothing
     heartbeat_grace_s: int = HEARTBEAT_GRACE_S
