@@ -1,4 +1,4 @@
-"""Train every reference preset briefly and evaluate it: the preset × metrics table of the README.
+"""Train every reference preset briefly and evaluate it: the preset × metrics table of docs/presets.md.
 
 Runs the real entry points (train, then evaluate) against one MLflow store and prints a Markdown
 table, per preset (faithful and -fixed): the likelihood kind, test negative ELBO, the IWAE number
@@ -8,7 +8,7 @@ units, collapse and classifier-judged sample accuracy.
     python -m benchmarks.preset_report --dataset fashion-mnist --epochs 3 --limit-train 10000 \
         --limit-test 1000 --k 1000
 
-Every number is in nats per example; only rows of the same likelihood kind compare (README: Units).
+Every number is in nats per example; only rows of the same likelihood kind compare (docs/units.md).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ PRESETS: dict[str, Mapping[str, Any]] = {
     # The classic 2-D conditional VAE whose latent space can be drawn directly.
     "mlp-2d": {"model.latent_dim": 2, "model.hidden": (512,)},
     # The five reference notebooks (MNIST, as they used), each trained as the notebook trained it,
-    # mistakes included; "NAME-fixed" trains what the notebook meant (README: Presets). Where a
+    # mistakes included; "NAME-fixed" trains what the notebook meant (docs/presets.md). Where a
     # notebook validated on the test set, these validate on the held-out validation split, so the
     # test set stays unseen until the end. "Squared error summed over pixels" is the Gaussian
     # likelihood with a fixed sigma^2 = 1/2: -log N(x; m, 1/2) = sum (x - m)^2 + (784 / 2) log(pi),
@@ -90,7 +90,7 @@ PRESETS: dict[str, Mapping[str, Any]] = {
 # What each notebook meant, beside what it trained: the same network, data and schedule with its
 # mistakes undone, the best validation epoch kept, and a likelihood that is exact for the data
 # (dynamically binarized pixels for Bernoulli, the discretized logistic for 8-bit pixels), so the
-# test numbers are negative log-probabilities (README: Units).
+# test numbers are negative log-probabilities (docs/units.md).
 _FIXES: dict[str, Mapping[str, Any]] = {
     # KL weight 1 (the ELBO), not 784.
     "conv-decoder-cond": {"objective.kl_weight": 1.0, "data.binarize": "dynamic"},

@@ -7,7 +7,7 @@ optimisation and execution stay those of the study's base configuration, so ``ep
 terms. Two things are made common, because otherwise trials are not comparable on one number:
 
 - the likelihood (``LIKELIHOOD_FIELDS``) is the study's: a Bernoulli cross-entropy, a Gaussian
-  density and a discretized logistic NLL are different quantities (README: Units), so a preset
+  density and a discretized logistic NLL are different quantities (docs/units.md), so a preset
   is evaluated under the study's likelihood, never its own;
 - the presets offered are those whose conditioning agrees with the study's: conditional models
   bound -log p(x|y), unconditional ones -log p(x). A study with ``conditioning=none`` compares the
