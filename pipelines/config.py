@@ -153,7 +153,8 @@ def _field_doc(key: str, spec: dataclasses.Field, typ) -> FieldDoc:
     choices = spec.metadata.get("choices", ())
     choices = choices() if callable(choices) else choices
     kind = "comma-separated integers" if typing.get_origin(typ) is tuple else _KINDS.get(typ, "text")
-    return FieldDoc(key, kind, as_text(spec.default), spec.metadata.get("help", ""), tuple(choices))
+    default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    return FieldDoc(key, kind, as_text(default), spec.metadata.get("help", ""), tuple(choices))
 
 
 def field_docs() -> list[FieldDoc]:
