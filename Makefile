@@ -1,7 +1,7 @@
 # Two commands do everything: `make run` (set up + a real training run) and `make test`.
 VENV ?= .venv
 PYTHON ?= python3
-DATASET ?= mnist
+DATASET ?= fashion-mnist
 EPOCHS ?= 20
 DEVICE ?= auto
 UI_PORT ?= 5000
