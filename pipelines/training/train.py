@@ -36,6 +36,9 @@ from pipelines.tracking.runs import RunLogger, git_commit
 EVAL_BATCH = 250
 EVAL_SEED = 1234
 EpochCallback = Callable[[int, dict], None]
+# The epoch whose weights the trained model holds (the best one, or the last with restore_best=false):
+# the test metrics and the logged model are of that epoch's weights.
+KEPT_EPOCH_METRIC = "kept_epoch"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,13 +47,19 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """A trained model (best checkpoint restored) and how it got there; nothing about the test set."""
+    """A trained model and how it got there; nothing about the test set.
+
+    ``best_epoch``/``best_val_loss``: the epoch with the lowest validation loss (what early stopping
+    watches). ``kept_epoch``: the epoch whose weights ``model`` holds, the best one with
+    ``optim.restore_best`` and the last one trained without it.
+    """
     model: CVAE
     splits: DatasetSplits
     batcher: Batcher
     history: list[dict]
     best_epoch: int
     best_val_loss: float
+    kept_epoch: int
     stopped_early: bool
     device: torch.device
     seeds: dict = field(default_factory=dict)
@@ -141,8 +150,9 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
     """Train one model from ``config``; log its params, tags and per-epoch metrics.
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's validation (Optuna reports and prunes
-    there; an exception it raises stops training and propagates). The returned model is the
-    best checkpoint by validation loss; record it with ``pipelines.recording.record.record_run``.
+    there; an exception it raises stops training and propagates). The returned model holds the
+    best validation epoch's weights, or with ``optim.restore_best=false`` the last epoch's (as Keras
+    does without restore_best_weights); record it with ``pipelines.recording.record.record_run``.
     """
     device = resolve_device(config.execution)
     configure_threads(config.execution)
@@ -187,7 +197,8 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
             raise NonFiniteLossError(divergence_message(config, "validation", epoch, val_terms))
         if val_terms["loss"] < best_val:
             best_val, best_epoch, stale = val_terms["loss"], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            if config.optim.restore_best:
+                best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
         if on_epoch:
@@ -197,9 +208,13 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
             print(f"early stopping: no val/loss improvement for {stale} epochs; best epoch {best_epoch}", flush=True)
             break
 
-    model.load_state_dict(best_state)
+    kept_epoch = len(history)
+    if config.optim.restore_best and best_epoch != kept_epoch:
+        model.load_state_dict(best_state)
+        kept_epoch = best_epoch
     if logger:
         logger.log_metrics({"best_epoch": best_epoch, "best_val_loss": best_val}, step=best_epoch)
+        logger.log_metrics({KEPT_EPOCH_METRIC: kept_epoch}, step=kept_epoch)
     return TrainResult(model=model, splits=splits, batcher=batcher, history=history, best_epoch=best_epoch,
-                       best_val_loss=best_val, stopped_early=stopped_early, device=device, seeds=seeds,
-                       determinism=determinism)
+                       best_val_loss=best_val, kept_epoch=kept_epoch, stopped_early=stopped_early, device=device,
+                       seeds=seeds, determinism=determinism)
