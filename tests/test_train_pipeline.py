@@ -14,7 +14,7 @@ EPOCHS = 3
 # A high learning rate on a few images with patience 1: training stops early, so by construction
 # its last epoch is not its best one.
 OVERSHOOTS = {"dataset": "fashion-mnist", "limit_train": 100, "val_size": 50, "limit_test": 50, "hidden": "32",
-              "latent_dim": 4, "lr": 0.1, "batch_size": 20, "epochs": 20, "patience": 1, "device": "cpu"}
+              "latent_dim": 4, "lr": 0.03, "batch_size": 20, "epochs": 20, "patience": 1, "device": "cpu"}
 
 
 @pytest.mark.slow
@@ -205,3 +205,28 @@ def test_a_run_keeping_its_last_weights_records_which_epoch_they_are_from(store)
     kept = evaluate_split(model, splits.val, Batcher(config.data.binarize, config.execution.seed, torch.device("cpu")),
                           config, torch.device("cpu"))
     assert kept["loss"] == pytest.approx(val[max(val)], rel=1e-6)
+
+
+def test_a_loss_with_free_bits_does_not_depend_on_the_evaluation_batch_size(early_stopped):
+    from cvae import gaussian_kl
+    from pipelines.config import with_overrides
+    from pipelines.training.train import evaluate_split
+
+    result, batch = early_stopped["best"], 10
+    val = result.splits.val
+    with torch.no_grad():
+        ((x, y),) = result.batcher.eval_batches(val, len(val))
+        kl = gaussian_kl(*result.model.eval().encode(x, y))
+    # Free bits at the split's mean KL of the dimension whose KL varies most between images, which
+    # batches of 10 straddle: clamping each batch's KL and averaging the batches would give more
+    # than clamping the split's.
+    kl_of_a_used_dim = kl[:, kl.var(dim=0).argmax()]
+    free_bits = float(kl_of_a_used_dim.mean())
+    batch_means = kl_of_a_used_dim.view(-1, batch).mean(dim=1)
+    assert batch_means.min() < free_bits < batch_means.max()
+    config = with_overrides(early_stopped["config"], {"free_bits": free_bits})
+    in_batches = evaluate_split(result.model, val, result.batcher, config, result.device, batch_size=batch)
+    at_once = evaluate_split(result.model, val, result.batcher, config, result.device, batch_size=len(val))
+    assert in_batches == pytest.approx(at_once, rel=1e-6)
+    unclamped = evaluate_split(result.model, val, result.batcher, early_stopped["config"], result.device)
+    assert in_batches["loss"] > unclamped["loss"]  # the clamp is in the number

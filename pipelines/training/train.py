@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cvae
-from cvae import CVAE, kl_weight_at, negative_elbo
+from cvae import CVAE, gaussian_kl, kl_weight_at, loss_from_means, monte_carlo_kl, negative_elbo
 from cvae.likelihood import likelihood_kind
 from pipelines.config import RunConfig, flatten
 from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
@@ -76,24 +76,36 @@ def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Op
 
 @torch.no_grad()
 def evaluate_split(model: CVAE, split: SplitData, batcher: Batcher, config: RunConfig,
-                   device: torch.device) -> dict[str, float]:
+                   device: torch.device, batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """Loss terms over a whole split at the configured β (no warm-up), nats per example.
 
-    The posterior samples come from a fixed seed, so the same weights always give the same
-    numbers: a reloaded model can be checked against its logged metrics.
+    The posterior samples come from a fixed seed, one draw per example, so the same weights always
+    give the same numbers, however the split is batched: a reloaded model can be checked against
+    its logged metrics. The loss is formed from the split's means (free bits clamp the split's KL
+    per dimension, as ``loss_from_means`` says), not averaged over batches.
     """
     model.eval()
-    totals = torch.zeros(3, device=device, dtype=torch.float64)
-    generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
-    for x, y in batcher.eval_batches(split, EVAL_BATCH):
+    objective = config.objective
+    sampled = objective.kl_estimator == "monte_carlo"
+    noise = torch.randn((len(split), model.latent_dim), generator=torch.Generator(device=device).manual_seed(EVAL_SEED),
+                        device=device)
+    recon = torch.zeros((), device=device, dtype=torch.float64)
+    kl_per_dim = torch.zeros(model.latent_dim, device=device, dtype=torch.float64)
+    sampled_kl = torch.zeros((), device=device, dtype=torch.float64)
+    start = 0
+    for x, y in batcher.eval_batches(split, batch_size):
         with autocast(config.execution, device):
-            out = model(x, y, generator=generator)
-        terms = negative_elbo(model.reconstruction_nll(out.decoded.float(), x), out.mu.float(),
-                              out.logvar.float(), out.z.float(), config.objective.kl_weight,
-                              config.objective.free_bits, config.objective.kl_estimator)
-        totals += torch.stack([terms.loss, terms.recon, terms.kl]).double() * len(y)
-    loss, recon, kl = (totals / len(split)).tolist()
-    return {"loss": loss, "recon": recon, "kl": kl, "neg_elbo": recon + kl}
+            out = model(x, y, noise=noise[start: start + len(y)])
+        start += len(y)
+        recon += model.reconstruction_nll(out.decoded.float(), x).double().sum()
+        kl_per_dim += gaussian_kl(out.mu, out.logvar).double().sum(dim=0)
+        if sampled:
+            sampled_kl += monte_carlo_kl(out.z, out.mu, out.logvar).double().sum()
+    examples = len(split)
+    terms = loss_from_means(recon / examples, kl_per_dim / examples, objective.kl_weight, objective.free_bits,
+                            sampled_kl / examples if sampled else None)
+    loss, recon_mean, kl = (float(value) for value in (terms.loss, terms.recon, terms.kl))
+    return {"loss": loss, "recon": recon_mean, "kl": kl, "neg_elbo": recon_mean + kl}
 
 
 def _train_epoch(model, optimizer, scaler, batcher, split, config, device, epoch, bar) -> dict[str, float]:
