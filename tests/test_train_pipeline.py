@@ -51,14 +51,24 @@ def test_mlflow_run_train_records_a_complete_run(store, tmp_path):
             assert image.format == "PNG"
 
     import mlflow.pytorch
-    from pipelines.config import from_params
+    from pipelines.config import PRESET_PARAM, from_dict, from_params
     from pipelines.data import Batcher, load_splits
+    from pipelines.models.model_resolution import resolve_model
+    from pipelines.recording.manifest import load_manifest
     from pipelines.training.train import evaluate_split
+
+    # No preset and no data directory: no blank params, and the params still rebuild the
+    # configuration the run trained (its manifest's), as do the logged model's.
+    assert "" not in params.values() and PRESET_PARAM not in params and "data.data_dir" not in params
+    config = from_params(params)
+    assert config == from_dict(load_manifest(client, run.info.run_id)["config"])
+    logged_model = client.get_logged_model(tags["model_uri"].removeprefix("models:/"))
+    assert "" not in logged_model.params.values() and from_params(logged_model.params) == config
+    assert resolve_model(run.info.run_id, client).config == config
 
     mlflow.set_tracking_uri(store.uri)
     model = mlflow.pytorch.load_model(tags["model_uri"])
     model_again = mlflow.pytorch.load_model(tags["model_uri"])
-    config = from_params(params)
     x = torch.rand(4, 1, 28, 28)
     labels = torch.tensor([0, 1, 2, 3])
     assert torch.equal(model.encode(x, labels)[0], model_again.encode(x, labels)[0])
