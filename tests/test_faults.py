@@ -150,6 +150,23 @@ def test_a_sigkilled_train_run_is_found_and_closed_killed(store):
     assert_no_running(store)
 
 
+def test_stale_runs_reads_every_page_of_experiments(store, in_process, monkeypatch, capsys):
+    from pipelines.entrypoints import stale_runs
+
+    client = store.client
+    started_long_ago = int((time.time() - 600) * 1000)
+    silent = [client.create_run(client.create_experiment(f"page-{i}", (store.root / f"page-{i}").as_uri()),
+                                start_time=started_long_ago).info.run_id for i in range(5)]
+    experiments = len(client.search_experiments(max_results=1000))
+    monkeypatch.setattr(stale_runs, "EXPERIMENTS_PER_PAGE", 2)  # 8 experiments: 4 pages
+    assert experiments > 2 * stale_runs.EXPERIMENTS_PER_PAGE
+    capsys.readouterr()
+    assert stale_runs.main(["--grace", "60"]) == 0
+    listed = capsys.readouterr().out
+    assert all(run_id in listed for run_id in silent), listed
+    assert f"{len(silent)} stale run(s); nothing changed (dry run)" in listed
+
+
 def test_stale_runs_rejects_an_unknown_experiment_in_one_line(store):
     done = store.cli(STALE, "--experiment", "nope")
     assert done.returncode == 2
