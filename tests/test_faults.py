@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_DATA, TINY_PARAMS, assert_no_running
+from conftest import REPO, TINY_DATA, TINY_PARAMS, assert_no_running, wait_until
 
 TRAIN = "pipelines.entrypoints.train"
 
@@ -120,15 +120,23 @@ def test_stale_runs_are_those_silent_longer_than_the_grace(store):
 
 @pytest.mark.slow
 def test_a_sigkilled_train_run_is_found_and_closed_killed(store):
+    from pipelines.tracking.liveness import DEFAULT_GRACE_S, HEARTBEAT_TAG
+
     env = {**store.env, "CVAE_HEARTBEAT_INTERVAL_S": "1"}
     process = subprocess.Popen([sys.executable, "-m", TRAIN, *TINY_DATA, "--epochs", "200", "--patience", "0"],
-                               cwd=store.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               cwd=store.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def beating_after_an_epoch():
+        assert process.poll() is None, f"the training ended (exit {process.returncode}) before an epoch"
+        runs = store.runs()
+        return runs and "val/loss" in runs[0].data.metrics and runs[0].data.tags.get(HEARTBEAT_TAG)
+
     try:
-        for line in process.stdout:
-            if line.startswith("epoch 1:"):
-                break
-        alive = store.cli(STALE, "--grace", "60")
-        assert alive.returncode == 0 and "no stale RUNNING runs (grace 60 s)" in alive.stdout, alive.stdout
+        wait_until(beating_after_an_epoch, "the training run to log an epoch and a heartbeat")
+        # Alive: the default grace is many heartbeats long, so a slow machine does not make it stale.
+        alive = store.cli(STALE)
+        assert alive.returncode == 0, alive.stderr[-2000:]
+        assert f"no stale RUNNING runs (grace {DEFAULT_GRACE_S:.0f} s)" in alive.stdout, alive.stdout
         process.kill()  # SIGKILL: nothing of the process can clean up
         process.wait(timeout=60)
     finally:
