@@ -16,19 +16,29 @@ from hypothesis import strategies as st
 
 from conftest import EXPERIMENT, TINY_DATA, make_store
 from cvae.config import ConfigError
-from pipelines.config import RunConfig, field_index, from_dict
+from pipelines.config import RunConfig, field_index, from_dict, with_overrides
 from pipelines.training.preflight import preflight as all_checks_before_a_run
 
 INDEX = field_index()
-CHOICES = {
-    "dataset": ["mnist", "fashion-mnist", "kmnist"], "binarize": ["none", "static", "dynamic"],
-    "arch": ["mlp", "conv"], "conditioning": ["concat", "channel", "decoder", "none"],
-    "activation": ["relu", "silu", "tanh"], "conv_decoder": ["transpose", "upsample"],
-    "likelihood": ["bernoulli", "gaussian"], "gaussian_variance": ["fixed", "learned"],
-    "kl_estimator": ["analytic", "monte_carlo"], "optimizer": ["adam", "adamw", "sgd"],
-    "device": ["auto", "cpu", "cuda", "cuda:0", "cuda:99", "tpu"], "precision": ["fp32", "bf16", "fp16"],
-    "deterministic": ["auto", "true", "false"],
-}
+CHOICES_LISTED = "; choose one of: "
+
+
+def listed_choices(name: str) -> list[str] | None:
+    """The values the configuration itself lists when it refuses one for ``name`` (None for a
+    field that lists none), so the fuzzing follows the code: every architecture, likelihood and
+    activation it accepts, and any added later."""
+    try:
+        with_overrides(RunConfig(), {name: "\x00 no such choice"})
+    except ConfigError as error:
+        _, listed, choices = str(error).partition(CHOICES_LISTED)
+        return choices.split(", ") if listed else None
+    return None
+
+
+CHOICES = {name: choices for name, (_, _, typ) in INDEX.items()
+           if typ is str and (choices := listed_choices(name))}
+# Free-form strings: devices that exist, may exist or cannot; the data root is the session's.
+FREE_FORM = {"device": ["auto", "cpu", "cuda", "cuda:0", "cuda:99", "tpu"], "data_dir": [""]}
 # No clock in the verdict: no deadline per example, and no health check on how long generating
 # the examples took (on a loaded machine both measure the load, not the code).
 UNTIMED = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]}
@@ -56,8 +66,8 @@ def garbage_strategy(name: str, typ) -> st.SearchStrategy[str]:
 
 def sensible_strategy(name: str, typ) -> st.SearchStrategy[str]:
     """Values of the field's kind in a plausible range: most of them valid."""
-    if name in CHOICES:
-        return st.sampled_from(CHOICES[name])
+    if name in CHOICES or name in FREE_FORM:
+        return st.sampled_from(CHOICES.get(name) or FREE_FORM[name])
     if typ is bool:
         return st.sampled_from(["true", "false"])
     if typ is int:
@@ -66,7 +76,15 @@ def sensible_strategy(name: str, typ) -> st.SearchStrategy[str]:
         return st.floats(0, 3).map(repr)
     if name in ("hidden", "channels"):
         return st.lists(st.integers(1, 64), min_size=1, max_size=3).map(lambda v: ",".join(map(str, v)))
-    return st.sampled_from([""])  # data_dir: the session's data root
+    raise AssertionError(f"no strategy for the string field {name!r}")
+
+
+def test_every_string_field_is_fuzzed_with_what_the_configuration_accepts():
+    strings = {name for name, (_, _, typ) in INDEX.items() if typ is str}
+    assert strings == set(CHOICES) | set(FREE_FORM), "a string field without choices needs a FREE_FORM entry"
+    for name, choices in CHOICES.items():  # the listed values parse back as valid, one by one
+        assert all(getattr(getattr(with_overrides(RunConfig(), {name: value}), INDEX[name][0]), name) == value
+                   for value in choices), name
 
 
 def value_strategy(name: str, typ) -> st.SearchStrategy[str]:
