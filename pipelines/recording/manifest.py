@@ -92,8 +92,8 @@ def result_metrics(result: TrainResult, recorded_metrics: Mapping[str, float]) -
     validation metrics (timings excluded)."""
     last = {k: v for k, v in (result.history[-1] if result.history else {}).items()
             if k != "epoch" and k not in TIMING_METRICS}
-    return {**recorded_metrics, "best_epoch": result.best_epoch,
-            "best_val_loss": result.best_val_loss, "kept_epoch": result.kept_epoch, "epochs_run": len(result.history), **last}
+    return {**recorded_metrics, "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+            "kept_epoch": result.kept_epoch, "epochs_run": len(result.history), **last}
 
 
 def code_version() -> tuple[dict, str]:
