@@ -98,8 +98,12 @@ class CVAE(nn.Module):
         return self._encode(x, self._onehot(labels, x.shape[0], x.dtype, x.device))
 
     def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mu + eps * sigma, with eps drawn from ``generator``, or ``noise`` when given (N, latent_dim)."""
+        if noise is None:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        else:
+            eps = noise.to(mu.dtype)
         return mu + eps * torch.exp(0.5 * logvar)
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -107,11 +111,13 @@ class CVAE(nn.Module):
         return self.decoder(z, self._onehot(labels, z.shape[0], z.dtype, z.device))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> CVAEOutput:
+                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> CVAEOutput:
+        """``noise``: the standard normal draws behind z (N, latent_dim), instead of drawing them:
+        an evaluation that draws them per example gets the same z however the examples are batched."""
         self._check_images(x)
         onehot = self._onehot(labels, x.shape[0], x.dtype, x.device)
         mu, logvar = self._encode(x, onehot)
-        z = self.reparameterize(mu, logvar, generator)
+        z = self.reparameterize(mu, logvar, generator, noise)
         dec_onehot = None if onehot is None else onehot.to(z.dtype)
         return CVAEOutput(self.decoder(z, dec_onehot), mu, logvar, z)
 

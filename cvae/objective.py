@@ -70,13 +70,27 @@ def negative_elbo(recon_nll: torch.Tensor, mu: torch.Tensor, logvar: torch.Tenso
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator={kl_estimator!r} is not valid; "
                          f"choose one of: {', '.join(KL_ESTIMATORS)}")
-    recon = recon_nll.float().mean()
-    kl_per_dim = gaussian_kl(mu, logvar).mean(dim=0)
-    kl = kl_per_dim.sum()
+    sampled_kl = None
     if kl_estimator == "monte_carlo":
         if z is None:
             raise ValueError("kl_estimator='monte_carlo' needs the sampled z")
-        kl_used = monte_carlo_kl(z, mu, logvar).mean()
+        sampled_kl = monte_carlo_kl(z, mu, logvar).mean()
+    return loss_from_means(recon_nll.float().mean(), gaussian_kl(mu, logvar).mean(dim=0), kl_weight, free_bits,
+                           sampled_kl)
+
+
+def loss_from_means(recon: torch.Tensor, kl_per_dim: torch.Tensor, kl_weight: float, free_bits: float = 0.0,
+                    sampled_kl: torch.Tensor | None = None) -> LossTerms:
+    """``LossTerms`` from means over a set of examples, a batch or a whole split: ``recon`` the mean
+    reconstruction NLL, ``kl_per_dim`` (D,) the mean closed-form KL of each dimension, ``sampled_kl``
+    the mean single-sample KL estimate (``monte_carlo`` only; free bits do not apply to it).
+
+    Free bits clamp ``kl_per_dim`` as given, and the clamp is not linear: a split's loss must come
+    from the split's means (accumulated over its batches), never from averaging its batches' losses.
+    """
+    kl = kl_per_dim.sum()
+    if sampled_kl is not None:
+        kl_used = sampled_kl
     elif free_bits > 0:
         kl_used = free_bits_kl(kl_per_dim, free_bits)
     else:
@@ -89,8 +103,7 @@ def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
     examples the number is for.
 
     The clamp is not linear: the mean of per-batch clamped values depends on how a split is cut
-    into batches. A validation or test loss must therefore clamp the split's per-dimension mean
-    (accumulated over batches), not average the batches' losses.
+    into batches (see ``loss_from_means``).
     """
     return torch.clamp(kl_per_dim, min=free_bits).sum()
 

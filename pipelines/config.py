@@ -244,17 +244,22 @@ def with_overrides(base: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
 
 
 def flatten(config: RunConfig) -> dict[str, str]:
-    """MLflow params: dotted keys, string values; tuples as comma lists so they parse back."""
+    """MLflow params: dotted keys, string values; tuples as comma lists so they parse back.
+
+    Empty values (no preset, no data directory) are left out, not shown as blank cells: each is its
+    field's default, which ``from_params`` gives a missing key.
+    """
     params = {PRESET_PARAM: config.preset}
     for section in SECTIONS:
         for f in fields(getattr(config, section)):
             value = getattr(getattr(config, section), f.name)
             params[f"{section}.{f.name}"] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-    return params
+    return {key: value for key, value in params.items() if value != ""}
 
 
 def from_params(params: Mapping[str, str]) -> RunConfig:
-    """Rebuild a configuration from a run's flattened params (other params are ignored)."""
+    """Rebuild a configuration from a run's flattened params (other params are ignored; a missing
+    field takes its default)."""
     known = {k: v for k, v in params.items() if "." in k and k.split(".", 1)[0] in SECTIONS}
     if params.get(PRESET_PARAM):
         known["preset"] = params[PRESET_PARAM]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,3 +123,33 @@ def server_stack():
         pytest.skip(reason)
     with local_stack() as stack:
         yield stack
+
+
+def wait_until(condition, what: str, timeout_s: float = 300.0, poll_s: float = 0.2):
+    """Poll ``condition()`` until it returns something truthy, and return that. The timeout is a
+    generous bound on waiting for a state (a loaded machine is slow), never a timing assertion."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(poll_s)
+    return value
+
+
+def wait_until_a_trial_is_stale(storage_url: str, study: str, grace_s: int) -> None:
+    """Wait until Optuna's heartbeat rule finds a RUNNING trial of ``study`` stale (what the next
+    worker's ``fail_stale_trials`` fails), or a worker already failed it, whatever the machine's load."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RDBStorage
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval: stable in use
+        storage = RDBStorage(storage_url, heartbeat_interval=1, grace_period=grace_s)
+    study_id = storage.get_study_id_from_name(study)
+    # Optuna's own rule (private, but the one fail_stale_trials applies), not a copy of it.
+    wait_until(lambda: storage._get_stale_trial_ids(study_id)
+               or storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.FAIL,)),
+               f"a trial of study {study!r} without a heartbeat for {grace_s} s")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_DATA, TINY_PARAMS, assert_no_running
+from conftest import REPO, TINY_DATA, TINY_PARAMS, assert_no_running, wait_until
 
 TRAIN = "pipelines.entrypoints.train"
 
@@ -120,15 +120,23 @@ def test_stale_runs_are_those_silent_longer_than_the_grace(store):
 
 @pytest.mark.slow
 def test_a_sigkilled_train_run_is_found_and_closed_killed(store):
+    from pipelines.tracking.liveness import DEFAULT_GRACE_S, HEARTBEAT_TAG
+
     env = {**store.env, "CVAE_HEARTBEAT_INTERVAL_S": "1"}
     process = subprocess.Popen([sys.executable, "-m", TRAIN, *TINY_DATA, "--epochs", "200", "--patience", "0"],
-                               cwd=store.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               cwd=store.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def beating_after_an_epoch():
+        assert process.poll() is None, f"the training ended (exit {process.returncode}) before an epoch"
+        runs = store.runs()
+        return runs and "val/loss" in runs[0].data.metrics and runs[0].data.tags.get(HEARTBEAT_TAG)
+
     try:
-        for line in process.stdout:
-            if line.startswith("epoch 1:"):
-                break
-        alive = store.cli(STALE, "--grace", "60")
-        assert alive.returncode == 0 and "no stale RUNNING runs (grace 60 s)" in alive.stdout, alive.stdout
+        wait_until(beating_after_an_epoch, "the training run to log an epoch and a heartbeat")
+        # Alive: the default grace is many heartbeats long, so a slow machine does not make it stale.
+        alive = store.cli(STALE)
+        assert alive.returncode == 0, alive.stderr[-2000:]
+        assert f"no stale RUNNING runs (grace {DEFAULT_GRACE_S:.0f} s)" in alive.stdout, alive.stdout
         process.kill()  # SIGKILL: nothing of the process can clean up
         process.wait(timeout=60)
     finally:
@@ -148,6 +156,23 @@ def test_a_sigkilled_train_run_is_found_and_closed_killed(store):
     assert "the process running it was killed or lost" in run.data.tags["error"]
     assert run.info.end_time == int(run.data.tags["heartbeat"]) * 1000
     assert_no_running(store)
+
+
+def test_stale_runs_reads_every_page_of_experiments(store, in_process, monkeypatch, capsys):
+    from pipelines.entrypoints import stale_runs
+
+    client = store.client
+    started_long_ago = int((time.time() - 600) * 1000)
+    silent = [client.create_run(client.create_experiment(f"page-{i}", (store.root / f"page-{i}").as_uri()),
+                                start_time=started_long_ago).info.run_id for i in range(5)]
+    experiments = len(client.search_experiments(max_results=1000))
+    monkeypatch.setattr(stale_runs, "EXPERIMENTS_PER_PAGE", 2)  # 8 experiments: 4 pages
+    assert experiments > 2 * stale_runs.EXPERIMENTS_PER_PAGE
+    capsys.readouterr()
+    assert stale_runs.main(["--grace", "60"]) == 0
+    listed = capsys.readouterr().out
+    assert all(run_id in listed for run_id in silent), listed
+    assert f"{len(silent)} stale run(s); nothing changed (dry run)" in listed
 
 
 def test_stale_runs_rejects_an_unknown_experiment_in_one_line(store):

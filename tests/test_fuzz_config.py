@@ -16,19 +16,32 @@ from hypothesis import strategies as st
 
 from conftest import EXPERIMENT, TINY_DATA, make_store
 from cvae.config import ConfigError
-from pipelines.config import RunConfig, field_index, from_dict
+from pipelines.config import RunConfig, field_index, from_dict, with_overrides
 from pipelines.training.preflight import preflight as all_checks_before_a_run
 
 INDEX = field_index()
-CHOICES = {
-    "dataset": ["mnist", "fashion-mnist", "kmnist"], "binarize": ["none", "static", "dynamic"],
-    "arch": ["mlp", "conv"], "conditioning": ["concat", "channel", "decoder", "none"],
-    "activation": ["relu", "silu", "tanh"], "conv_decoder": ["transpose", "upsample"],
-    "likelihood": ["bernoulli", "gaussian"], "gaussian_variance": ["fixed", "learned"],
-    "kl_estimator": ["analytic", "monte_carlo"], "optimizer": ["adam", "adamw", "sgd"],
-    "device": ["auto", "cpu", "cuda", "cuda:0", "cuda:99", "tpu"], "precision": ["fp32", "bf16", "fp16"],
-    "deterministic": ["auto", "true", "false"],
-}
+CHOICES_LISTED = "; choose one of: "
+
+
+def listed_choices(name: str) -> list[str] | None:
+    """The values the configuration itself lists when it refuses one for ``name`` (None for a
+    field that lists none), so the fuzzing follows the code: every architecture, likelihood and
+    activation it accepts, and any added later."""
+    try:
+        with_overrides(RunConfig(), {name: "\x00 no such choice"})
+    except ConfigError as error:
+        _, listed, choices = str(error).partition(CHOICES_LISTED)
+        return choices.split(", ") if listed else None
+    return None
+
+
+CHOICES = {name: choices for name, (_, _, typ) in INDEX.items()
+           if typ is str and (choices := listed_choices(name))}
+# Free-form strings: devices that exist, may exist or cannot; the data root is the session's.
+FREE_FORM = {"device": ["auto", "cpu", "cuda", "cuda:0", "cuda:99", "tpu"], "data_dir": [""]}
+# No clock in the verdict: no deadline per example, and no health check on how long generating
+# the examples took (on a loaded machine both measure the load, not the code).
+UNTIMED = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]}
 ODD_NUMBERS = ["", " ", "inf", "-inf", "nan", "1e999", "-0", "8.0", "2.5", "1e3", "0x10", "abc", "1_000",
                str(2**63), str(2**64), "-1", "0"]
 
@@ -53,8 +66,8 @@ def garbage_strategy(name: str, typ) -> st.SearchStrategy[str]:
 
 def sensible_strategy(name: str, typ) -> st.SearchStrategy[str]:
     """Values of the field's kind in a plausible range: most of them valid."""
-    if name in CHOICES:
-        return st.sampled_from(CHOICES[name])
+    if name in CHOICES or name in FREE_FORM:
+        return st.sampled_from(CHOICES.get(name) or FREE_FORM[name])
     if typ is bool:
         return st.sampled_from(["true", "false"])
     if typ is int:
@@ -63,7 +76,15 @@ def sensible_strategy(name: str, typ) -> st.SearchStrategy[str]:
         return st.floats(0, 3).map(repr)
     if name in ("hidden", "channels"):
         return st.lists(st.integers(1, 64), min_size=1, max_size=3).map(lambda v: ",".join(map(str, v)))
-    return st.sampled_from([""])  # data_dir: the session's data root
+    raise AssertionError(f"no strategy for the string field {name!r}")
+
+
+def test_every_string_field_is_fuzzed_with_what_the_configuration_accepts():
+    strings = {name for name, (_, _, typ) in INDEX.items() if typ is str}
+    assert strings == set(CHOICES) | set(FREE_FORM), "a string field without choices needs a FREE_FORM entry"
+    for name, choices in CHOICES.items():  # the listed values parse back as valid, one by one
+        assert all(getattr(getattr(with_overrides(RunConfig(), {name: value}), INDEX[name][0]), name) == value
+                   for value in choices), name
 
 
 def value_strategy(name: str, typ) -> st.SearchStrategy[str]:
@@ -89,23 +110,28 @@ class RunWouldStart(Exception):
     """Raised where the entry point would create its MLflow run: the input passed every check."""
 
 
+@contextlib.contextmanager
+def _no_run(*args, **kwargs):
+    raise RunWouldStart
+    yield  # pragma: no cover
+
+
 @pytest.fixture(scope="module")
 def preflight(tmp_path_factory, data_dir):
     """The real `train` entry point up to the moment it would open a run."""
     from pipelines.entrypoints import train as train_entry
 
+    def main_until_a_run(argv):
+        # Stopped only for this call: a module-wide patch would also stop the real runs below.
+        with pytest.MonkeyPatch.context() as stop:
+            stop.setattr(train_entry, "entry_point_run", _no_run)
+            return train_entry.main(argv)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CVAE_OFFLINE", "1")
         patch.setenv("CVAE_DATA_DIR", str(data_dir))
         patch.chdir(tmp_path_factory.mktemp("cwd"))
-
-        @contextlib.contextmanager
-        def no_run(*args, **kwargs):
-            raise RunWouldStart
-            yield  # pragma: no cover
-
-        patch.setattr(train_entry, "entry_point_run", no_run)
-        yield train_entry.main
+        yield main_until_a_run
 
 
 def run_entry(main, argv, capsys) -> tuple[int, str, str]:
@@ -128,7 +154,7 @@ def assert_clean_outcome(code: int, err: str, argv) -> None:
         assert " is not valid" in lines[0] or "not found" in lines[0], (argv, err)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, **UNTIMED)
 @given(overrides=overrides_strategy())
 @example(overrides={"lr": "inf"})
 @example(overrides={"kl_weight": "nan", "warmup_epochs": "inf"})
@@ -180,7 +206,7 @@ SMALL = {
 
 
 @pytest.mark.slow
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, **UNTIMED)
 @given(overrides=st.fixed_dictionaries({}, optional=SMALL))
 @example(overrides={"lr": "1e-3", "latent_dim": "2", "hidden": "16"})
 def test_real_tiny_runs_end_cleanly_whatever_the_values(fuzz_store, capsys, overrides):
@@ -188,11 +214,14 @@ def test_real_tiny_runs_end_cleanly_whatever_the_values(fuzz_store, capsys, over
 
     argv = [*TINY_DATA[:2], "--limit-train", "200", "--val-size", "100", "--limit-test", "100", "--epochs", "1",
             "--patience", "0", "--hidden", "16", *as_argv(overrides)]
+    client = fuzz_store.client
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment])}
     code, _, err = run_entry(main, argv, capsys)
     assert code in (0, 1, 2), (argv, err)
     if code != 0:  # 1: a divergence, reported in one line like bad input
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in err, (argv, err)
-    experiment = fuzz_store.client.get_experiment_by_name(EXPERIMENT)
-    running = fuzz_store.client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
-    assert running == [], (argv, [r.info.run_id for r in running])
+    new = [r for r in client.search_runs([experiment]) if r.info.run_id not in before]
+    # Bad input stops before a run; a run that starts ends FINISHED, or FAILED when it diverged.
+    assert [r.info.status for r in new] == {0: ["FINISHED"], 1: ["FAILED"], 2: []}[code], (argv, err)

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from conftest import REPO
+from conftest import REPO, wait_until_a_trial_is_stale
 
 TUNE = "pipelines.entrypoints.tune"
 PARENT_TAG = "mlflow.parentRunId"
@@ -171,10 +171,9 @@ def test_a_sigkilled_workers_trial_fails_and_is_retried_once_by_another_worker(s
     finally:
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(timeout=60)
-    killed_at = time.monotonic()
-    # Started once the dead worker's heartbeat is stale, so this worker is sure to find its trial
-    # (the survivor may find it first).
-    time.sleep(max(0.0, killed_at + HEARTBEAT_GRACE_S + 1 - time.monotonic()))
+    # Started once the dead worker's trial is stale, so this worker is sure to find it (the
+    # survivor may find it first).
+    wait_until_a_trial_is_stale(server_stack.optuna_storage, "crash", HEARTBEAT_GRACE_S)
     latecomer = start_worker(env, tmp_path, *study, "--n-trials", "3", "--epochs", str(EPOCHS), "--sampler-seed", "3")
     outputs = wait_all([survivor, latecomer])
     assert any("stopped sending heartbeats" in output for output in outputs)

@@ -11,6 +11,10 @@ from PIL import Image
 from conftest import TINY_DATA, TINY_PARAMS
 
 EPOCHS = 3
+# A high learning rate on a few images with patience 1: training stops early, so by construction
+# its last epoch is not its best one.
+OVERSHOOTS = {"dataset": "fashion-mnist", "limit_train": 100, "val_size": 50, "limit_test": 50, "hidden": "32",
+              "latent_dim": 4, "lr": 0.03, "batch_size": 20, "epochs": 20, "patience": 1, "device": "cpu"}
 
 
 @pytest.mark.slow
@@ -47,14 +51,24 @@ def test_mlflow_run_train_records_a_complete_run(store, tmp_path):
             assert image.format == "PNG"
 
     import mlflow.pytorch
-    from pipelines.config import from_params
+    from pipelines.config import PRESET_PARAM, from_dict, from_params
     from pipelines.data import Batcher, load_splits
+    from pipelines.models.model_resolution import resolve_model
+    from pipelines.recording.manifest import load_manifest
     from pipelines.training.train import evaluate_split
+
+    # No preset and no data directory: no blank params, and the params still rebuild the
+    # configuration the run trained (its manifest's), as do the logged model's.
+    assert "" not in params.values() and PRESET_PARAM not in params and "data.data_dir" not in params
+    config = from_params(params)
+    assert config == from_dict(load_manifest(client, run.info.run_id)["config"])
+    logged_model = client.get_logged_model(tags["model_uri"].removeprefix("models:/"))
+    assert "" not in logged_model.params.values() and from_params(logged_model.params) == config
+    assert resolve_model(run.info.run_id, client).config == config
 
     mlflow.set_tracking_uri(store.uri)
     model = mlflow.pytorch.load_model(tags["model_uri"])
     model_again = mlflow.pytorch.load_model(tags["model_uri"])
-    config = from_params(params)
     x = torch.rand(4, 1, 28, 28)
     labels = torch.tensor([0, 1, 2, 3])
     assert torch.equal(model.encode(x, labels)[0], model_again.encode(x, labels)[0])
@@ -124,3 +138,105 @@ def test_trains_on_cuda_with_bf16(store):
     assert done.returncode == 0, done.stderr[-2000:]
     (run,) = store.runs()
     assert run.data.tags["device"].startswith("cuda") and run.data.tags["device_name"] != "cpu"
+
+
+@pytest.fixture(scope="module")
+def early_stopped(data_dir):
+    """In-process trainings on the same data and seed that stop early: keeping the last epoch's
+    weights, restoring the best, and a run cut at that best epoch (its last weights are the best
+    checkpoint's, bitwise: CPU training is deterministic)."""
+    from pipelines.config import RunConfig, with_overrides
+    from pipelines.data import load_splits
+    from pipelines.training.train import train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CVAE_DATA_DIR", str(data_dir))
+        patch.setenv("CVAE_OFFLINE", "1")
+        base = with_overrides(RunConfig(), OVERSHOOTS)
+        splits = load_splits(base.data, torch.device("cpu"))
+        last = train(with_overrides(base, {"restore_best": False}), splits=splits)
+        assert last.stopped_early and last.best_epoch < len(last.history), "the fixture must stop early"
+        best = train(with_overrides(base, {"restore_best": True}), splits=splits)
+        cut = train(with_overrides(base, {"restore_best": False, "epochs": last.best_epoch, "patience": 0}),
+                    splits=splits)
+    return {"last": last, "best": best, "cut_at_best": cut, "config": base}
+
+
+def _val_loss(result, config):
+    from pipelines.training.train import evaluate_split
+    return evaluate_split(result.model, result.splits.val, result.batcher, config, result.device)["loss"]
+
+
+def _same_weights(a, b) -> bool:
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_restore_best_false_keeps_the_last_epochs_weights(early_stopped):
+    last, config = early_stopped["last"], early_stopped["config"]
+    assert last.kept_epoch == len(last.history) > last.best_epoch
+    assert not _same_weights(last.model, early_stopped["cut_at_best"].model)
+    # Validation is seeded: the model's validation loss is the one its epoch logged.
+    assert _val_loss(last, config) == last.history[-1]["val/loss"] != last.best_val_loss
+
+
+def test_restore_best_true_keeps_the_best_epochs_weights(early_stopped):
+    best, last, config = early_stopped["best"], early_stopped["last"], early_stopped["config"]
+    assert [row["val/loss"] for row in best.history] == [row["val/loss"] for row in last.history]
+    assert best.kept_epoch == best.best_epoch == last.best_epoch < len(best.history)
+    assert _same_weights(best.model, early_stopped["cut_at_best"].model)
+    assert _val_loss(best, config) == best.best_val_loss == best.history[best.best_epoch - 1]["val/loss"]
+
+
+@pytest.mark.slow
+def test_a_run_keeping_its_last_weights_records_which_epoch_they_are_from(store):
+    """Through the entry point: kept_epoch names the epoch whose weights the logged model holds, and
+    the test metrics are logged at that step."""
+    import mlflow.pytorch
+    from pipelines.config import from_params
+    from pipelines.data import Batcher, load_splits
+    from pipelines.training.train import evaluate_split
+
+    args = [f"--{key.replace('_', '-')}={value}" for key, value in OVERSHOOTS.items()]
+    done = store.cli("pipelines.entrypoints.train", *args, "--conditioning", "none", "--restore-best", "false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = store.runs()
+    client, metrics = store.client, run.data.metrics
+    val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/loss")}
+    assert metrics["kept_epoch"] == max(val) > metrics["best_epoch"]
+    assert metrics["best_val_loss"] == min(val.values()) < val[max(val)]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/loss")] == [max(val)]
+    mlflow.set_tracking_uri(store.uri)
+    model = mlflow.pytorch.load_model(run.data.tags["model_uri"])
+    config = from_params(run.data.params)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CVAE_DATA_DIR", store.env["CVAE_DATA_DIR"])
+        splits = load_splits(config.data, torch.device("cpu"))
+    kept = evaluate_split(model, splits.val, Batcher(config.data.binarize, config.execution.seed, torch.device("cpu")),
+                          config, torch.device("cpu"))
+    assert kept["loss"] == pytest.approx(val[max(val)], rel=1e-6)
+
+
+def test_a_loss_with_free_bits_does_not_depend_on_the_evaluation_batch_size(early_stopped):
+    from cvae import gaussian_kl
+    from pipelines.config import with_overrides
+    from pipelines.training.train import evaluate_split
+
+    result, batch = early_stopped["best"], 10
+    val = result.splits.val
+    with torch.no_grad():
+        ((x, y),) = result.batcher.eval_batches(val, len(val))
+        kl = gaussian_kl(*result.model.eval().encode(x, y))
+    # Free bits at the split's mean KL of the dimension whose KL varies most between images, which
+    # batches of 10 straddle: clamping each batch's KL and averaging the batches would give more
+    # than clamping the split's.
+    kl_of_a_used_dim = kl[:, kl.var(dim=0).argmax()]
+    free_bits = float(kl_of_a_used_dim.mean())
+    batch_means = kl_of_a_used_dim.view(-1, batch).mean(dim=1)
+    assert batch_means.min() < free_bits < batch_means.max()
+    config = with_overrides(early_stopped["config"], {"free_bits": free_bits})
+    in_batches = evaluate_split(result.model, val, result.batcher, config, result.device, batch_size=batch)
+    at_once = evaluate_split(result.model, val, result.batcher, config, result.device, batch_size=len(val))
+    assert in_batches == pytest.approx(at_once, rel=1e-6)
+    unclamped = evaluate_split(result.model, val, result.batcher, early_stopped["config"], result.device)
+    assert in_batches["loss"] > unclamped["loss"]  # the clamp is in the number

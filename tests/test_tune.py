@@ -4,7 +4,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 
 import mlflow
 import optuna
@@ -15,7 +14,7 @@ from optuna.trial import TrialState
 
 from pipelines.entrypoints import tune as tune_entry_point
 from pipelines.entrypoints.common import run_main
-from conftest import TINY_DATA, TINY_PARAMS, assert_no_running
+from conftest import TINY_DATA, TINY_PARAMS, assert_no_running, wait_until_a_trial_is_stale
 
 TUNE = "pipelines.entrypoints.tune"
 PARENT_TAG = "mlflow.parentRunId"
@@ -298,7 +297,7 @@ def test_a_killed_workers_trial_is_failed_by_the_next_worker(store):
     finally:
         doomed.kill()
         doomed.wait(timeout=60)
-    time.sleep(3)  # past the grace period
+    wait_until_a_trial_is_stale(storage_url(store), "crash", grace_s=2)
     done = store.cli(TUNE, *study_args(store, "crash", "--n-trials", "1", "--heartbeat-grace", "2"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stopped sending heartbeats" in done.stdout

@@ -16,9 +16,15 @@ import time
 from datetime import datetime, timezone
 from typing import Sequence
 
+from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
+from mlflow.utils import get_results_from_paginated_fn
+
 from pipelines.entrypoints.common import number_option, run_main
 from pipelines.errors import UserError
 from pipelines.tracking.liveness import DEFAULT_GRACE_S, close_stale_run, stale_runs
+
+# Experiments asked for per call of search_experiments (MLflow's default page); every page is read.
+EXPERIMENTS_PER_PAGE = SEARCH_MAX_RESULTS_DEFAULT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--close", nargs="?", const="true", default="false", metavar="true|false",
                         help="end the stale runs KILLED (default: only list them); `--close` alone means true")
     return parser
+
+
+def active_experiments(client) -> dict[str, str]:
+    """Every active experiment, id -> name, over as many pages as the store returns."""
+    def page(count: int, token: str | None):
+        return client.search_experiments(max_results=count, page_token=token)
+
+    return {e.experiment_id: e.name for e in get_results_from_paginated_fn(page, EXPERIMENTS_PER_PAGE)}
 
 
 def _when(seconds: float) -> str:
@@ -54,7 +68,7 @@ def stale_command(args: argparse.Namespace) -> int:
             raise UserError(f"experiment={args.experiment!r} is not valid; no such experiment in the tracking store")
         experiments = {experiment.experiment_id: experiment.name}
     else:
-        experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+        experiments = active_experiments(client)
     now = time.time()
     found = stale_runs(client, experiments, grace, now)
     if not found:

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with entry_point_run(args.experiment, args.run_name or run_name(config)) as logger:
         result = train(config, logger)
         recorded = record_run(logger, result, config, FULL)
-    print(f"run {logger.run_id}: best epoch {result.best_epoch}, "
+    print(f"run {logger.run_id}: best epoch {result.best_epoch}, weights of epoch {result.kept_epoch}, "
           + ", ".join(f"{k} {v:.3f}" for k, v in recorded.metrics.items() if "/kl_dim_" not in k)
           + f"; model {recorded.model_uri}")
     return 0

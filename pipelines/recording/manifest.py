@@ -87,12 +87,13 @@ def git_diff() -> str:
 
 def result_metrics(result: TrainResult, recorded_metrics: Mapping[str, float]) -> dict[str, float]:
     """The metrics a re-run must reproduce: what the recording logged (test metrics of a full
-    record; none for a study trial), best epoch/validation loss, and the last epoch's training and
+    record; none for a study trial), best epoch/validation loss, the epoch whose weights were kept,
+    and the last epoch's training and
     validation metrics (timings excluded)."""
     last = {k: v for k, v in (result.history[-1] if result.history else {}).items()
             if k != "epoch" and k not in TIMING_METRICS}
-    return {**recorded_metrics, "best_epoch": result.best_epoch,
-            "best_val_loss": result.best_val_loss, "epochs_run": len(result.history), **last}
+    return {**recorded_metrics, "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+            "kept_epoch": result.kept_epoch, "epochs_run": len(result.history), **last}
 
 
 def code_version() -> tuple[dict, str]:

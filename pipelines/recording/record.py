@@ -62,7 +62,7 @@ class Recorded:
 
 
 def held_out_test_metrics(result: TrainResult, config: RunConfig) -> dict[str, float]:
-    """The loss terms of the best checkpoint on the whole held-out test set, nats per example."""
+    """The loss terms of the kept weights (``result.kept_epoch``) on the whole held-out test set, nats per example."""
     terms = evaluate_split(result.model, result.splits.test, result.batcher, config, result.device)
     return {f"test/{name}": value for name, value in terms.items()}
 
@@ -83,7 +83,7 @@ def record_run(logger: RunLogger, result: TrainResult, config: RunConfig, detail
     if detail.test_metrics:
         recorded.metrics.update(with_bits_per_dim(held_out_test_metrics(result, config), run_likelihood_kind(config),
                                                   result.splits.image_shape))
-        logger.log_metrics(recorded.metrics, step=result.best_epoch)
+        logger.log_metrics(recorded.metrics, step=result.kept_epoch)
     if detail.figures:
         with torch.no_grad():
             for path, draw in figure_builders(model, result.splits, result.batcher, result.history,
@@ -91,7 +91,7 @@ def record_run(logger: RunLogger, result: TrainResult, config: RunConfig, detail
                 logger.log_figure(draw(), path)
     if detail.evaluation:
         recorded.metrics.update(log_training_evaluation(
-            logger, model, evaluation_splits(result.splits), result.batcher, config, step=result.best_epoch,
+            logger, model, evaluation_splits(result.splits), result.batcher, config, step=result.kept_epoch,
             images_per_pass=TRAINING_EVAL_IMAGES_PER_PASS))
     if detail.model:
         info = log_model(logger, model, config)

@@ -20,7 +20,7 @@ from pipelines.config import RunConfig, from_params
 from pipelines.data import Batcher, DatasetSplits, load_splits
 from pipelines.recording.record import BEST_TRIAL, DETAIL_TAG, FULL, record_run
 from pipelines.tracking.runs import RunLogger
-from pipelines.training.train import TrainResult
+from pipelines.training.train import KEPT_EPOCH_METRIC, TrainResult
 from pipelines.studies.tune_tracking import RUN_ID_ATTR
 
 PARETO_RECORD_CAP = 8  # Pareto-front trials that get figures and evaluation; a wide front is capped
@@ -75,8 +75,11 @@ def record_chosen_trials(client: MlflowClient, chosen: Sequence[FrozenTrial], ba
         splits = base_splits if base_splits is not None and config.data == base.data else load_splits(config.data, device)
         model = mlflow.pytorch.load_model(model_uri, map_location=device)
         best_epoch = int(run.data.metrics.get("best_epoch", 1))
+        # Runs from before kept_epoch was logged always kept the best epoch's weights.
+        kept_epoch = int(run.data.metrics.get(KEPT_EPOCH_METRIC, best_epoch))
         result = TrainResult(model=model, splits=splits, batcher=Batcher(config.data.binarize, config.execution.seed, device),
                              history=_history(client, run_id, list(run.data.metrics)), best_epoch=best_epoch,
+                             kept_epoch=kept_epoch,
                              best_val_loss=float(run.data.metrics.get("best_val_loss", float("nan"))),
                              stopped_early=False, device=device)
         record_run(RunLogger(run_id, client), result, config, BEST_TRIAL)

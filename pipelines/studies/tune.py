@@ -291,8 +291,9 @@ def parameter_count(result: TrainResult) -> int:
 
 
 def objective_values(objectives: Sequence[str], result: TrainResult) -> list[float]:
-    best_epoch = result.history[result.best_epoch - 1]
-    values = [float(parameter_count(result)) if OBJECTIVES[name] is None else float(best_epoch[OBJECTIVES[name]])
+    # The epoch whose weights the trial keeps: its model, and the test metrics of a chosen trial, are of those.
+    kept = result.history[result.kept_epoch - 1]
+    values = [float(parameter_count(result)) if OBJECTIVES[name] is None else float(kept[OBJECTIVES[name]])
               for name in objectives]
     if not all(math.isfinite(v) for v in values):
         raise NonFiniteLossError(f"objective values are not finite: {dict(zip(objectives, values))}")
@@ -368,7 +369,7 @@ class TrialObjective:
                     torch.cuda.empty_cache()
                 raise
             logger.log_metrics({f"objective/{name}": v for name, v in zip(self.settings.objectives, values)},
-                               step=result.best_epoch)
+                               step=result.kept_epoch)
         return values[0] if len(values) == 1 else values
 
 

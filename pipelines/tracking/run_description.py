@@ -52,7 +52,7 @@ HEADLINE_METRICS = {
     "test/active_units": "test active latent units (of the latent size)",
     "test/sample_accuracy": "classifier-judged accuracy of samples for the requested label (fraction)",
     "best_val_loss": "best validation loss (nats per example)",
-    "val/neg_elbo": "validation negative ELBO at the best epoch (nats per example)",
+    "val/neg_elbo": "validation negative ELBO of the kept weights (nats per example)",
 }
 
 
@@ -202,6 +202,8 @@ def run_description(config: RunConfig, metrics: Mapping[str, float], artifacts: 
     if "epochs" in metrics or "best_epoch" in metrics:
         trained += (f", {int(metrics.get('epochs', optim.epochs))} of up to {optim.epochs} epochs"
                     + (f" (best epoch {int(metrics['best_epoch'])})" if "best_epoch" in metrics else ""))
+        if "kept_epoch" in metrics and metrics["kept_epoch"] != metrics.get("best_epoch"):
+            trained += f", keeping the weights of epoch {int(metrics['kept_epoch'])}"
     if config.preset:
         trained += f"; preset `{config.preset}`"
     lines.append(trained + ".")
@@ -228,9 +230,10 @@ def describe_run(logger: RunLogger, config: RunConfig, result: "TrainResult",
                  metrics: Mapping[str, float]) -> str:
     """Write ``run_description`` into the run: how training went (``result``), the test ``metrics``
     recorded so far, and links to the figures the run has logged so far."""
-    best = result.history[result.best_epoch - 1] if result.history else {}
+    kept = result.history[result.kept_epoch - 1] if result.history else {}
     summary = {"epochs": len(result.history), "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-               **({"val/neg_elbo": best["val/neg_elbo"]} if "val/neg_elbo" in best else {}), **metrics}
+               "kept_epoch": result.kept_epoch,
+               **({"val/neg_elbo": kept["val/neg_elbo"]} if "val/neg_elbo" in kept else {}), **metrics}
     sizes = {attr: len(getattr(result.splits, attr)) for attr, _ in SPLIT_CONTEXTS}
     experiment_id = logger.experiment_id
     paths = _figure_paths(logger)

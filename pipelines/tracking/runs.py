@@ -122,7 +122,8 @@ class RunLogger:
         return self.client.get_run(self.run_id).info.experiment_id
 
     def log_params(self, params: Mapping[str, object]) -> None:
-        items = [Param(k, str(v)) for k, v in params.items()]
+        """Empty values (an option left unset) are not logged: the UI would show a blank cell."""
+        items = [Param(k, str(v)) for k, v in params.items() if str(v) != ""]
         for start in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, params=items[start: start + _BATCH])
 

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cvae
-from cvae import CVAE, kl_weight_at, negative_elbo
+from cvae import CVAE, gaussian_kl, kl_weight_at, loss_from_means, monte_carlo_kl, negative_elbo
 from cvae.likelihood import likelihood_kind
 from pipelines.config import RunConfig, flatten
 from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
@@ -36,6 +36,9 @@ from pipelines.tracking.runs import RunLogger, git_commit
 EVAL_BATCH = 250
 EVAL_SEED = 1234
 EpochCallback = Callable[[int, dict], None]
+# The epoch whose weights the trained model holds (the best one, or the last with restore_best=false):
+# the test metrics and the logged model are of that epoch's weights.
+KEPT_EPOCH_METRIC = "kept_epoch"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,13 +47,19 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """A trained model (best checkpoint restored) and how it got there; nothing about the test set."""
+    """A trained model and how it got there; nothing about the test set.
+
+    ``best_epoch``/``best_val_loss``: the epoch with the lowest validation loss (what early stopping
+    watches). ``kept_epoch``: the epoch whose weights ``model`` holds, the best one with
+    ``optim.restore_best`` and the last one trained without it.
+    """
     model: CVAE
     splits: DatasetSplits
     batcher: Batcher
     history: list[dict]
     best_epoch: int
     best_val_loss: float
+    kept_epoch: int
     stopped_early: bool
     device: torch.device
     seeds: dict = field(default_factory=dict)
@@ -67,24 +76,36 @@ def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Op
 
 @torch.no_grad()
 def evaluate_split(model: CVAE, split: SplitData, batcher: Batcher, config: RunConfig,
-                   device: torch.device) -> dict[str, float]:
+                   device: torch.device, batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """Loss terms over a whole split at the configured β (no warm-up), nats per example.
 
-    The posterior samples come from a fixed seed, so the same weights always give the same
-    numbers: a reloaded model can be checked against its logged metrics.
+    The posterior samples come from a fixed seed, one draw per example, so the same weights always
+    give the same numbers, however the split is batched: a reloaded model can be checked against
+    its logged metrics. The loss is formed from the split's means (free bits clamp the split's KL
+    per dimension, as ``loss_from_means`` says), not averaged over batches.
     """
     model.eval()
-    totals = torch.zeros(3, device=device, dtype=torch.float64)
-    generator = torch.Generator(device=device).manual_seed(EVAL_SEED)
-    for x, y in batcher.eval_batches(split, EVAL_BATCH):
+    objective = config.objective
+    sampled = objective.kl_estimator == "monte_carlo"
+    noise = torch.randn((len(split), model.latent_dim), generator=torch.Generator(device=device).manual_seed(EVAL_SEED),
+                        device=device)
+    recon = torch.zeros((), device=device, dtype=torch.float64)
+    kl_per_dim = torch.zeros(model.latent_dim, device=device, dtype=torch.float64)
+    sampled_kl = torch.zeros((), device=device, dtype=torch.float64)
+    start = 0
+    for x, y in batcher.eval_batches(split, batch_size):
         with autocast(config.execution, device):
-            out = model(x, y, generator=generator)
-        terms = negative_elbo(model.reconstruction_nll(out.decoded.float(), x), out.mu.float(),
-                              out.logvar.float(), out.z.float(), config.objective.kl_weight,
-                              config.objective.free_bits, config.objective.kl_estimator)
-        totals += torch.stack([terms.loss, terms.recon, terms.kl]).double() * len(y)
-    loss, recon, kl = (totals / len(split)).tolist()
-    return {"loss": loss, "recon": recon, "kl": kl, "neg_elbo": recon + kl}
+            out = model(x, y, noise=noise[start: start + len(y)])
+        start += len(y)
+        recon += model.reconstruction_nll(out.decoded.float(), x).double().sum()
+        kl_per_dim += gaussian_kl(out.mu, out.logvar).double().sum(dim=0)
+        if sampled:
+            sampled_kl += monte_carlo_kl(out.z, out.mu, out.logvar).double().sum()
+    examples = len(split)
+    terms = loss_from_means(recon / examples, kl_per_dim / examples, objective.kl_weight, objective.free_bits,
+                            sampled_kl / examples if sampled else None)
+    loss, recon_mean, kl = (float(value) for value in (terms.loss, terms.recon, terms.kl))
+    return {"loss": loss, "recon": recon_mean, "kl": kl, "neg_elbo": recon_mean + kl}
 
 
 def _train_epoch(model, optimizer, scaler, batcher, split, config, device, epoch, bar) -> dict[str, float]:
@@ -141,8 +162,9 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
     """Train one model from ``config``; log its params, tags and per-epoch metrics.
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's validation (Optuna reports and prunes
-    there; an exception it raises stops training and propagates). The returned model is the
-    best checkpoint by validation loss; record it with ``pipelines.recording.record.record_run``.
+    there; an exception it raises stops training and propagates). The returned model holds the
+    best validation epoch's weights, or with ``optim.restore_best=false`` the last epoch's (as Keras
+    does without restore_best_weights); record it with ``pipelines.recording.record.record_run``.
     """
     device = resolve_device(config.execution)
     configure_threads(config.execution)
@@ -187,7 +209,8 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
             raise NonFiniteLossError(divergence_message(config, "validation", epoch, val_terms))
         if val_terms["loss"] < best_val:
             best_val, best_epoch, stale = val_terms["loss"], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            if config.optim.restore_best:
+                best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
         if on_epoch:
@@ -197,9 +220,13 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
             print(f"early stopping: no val/loss improvement for {stale} epochs; best epoch {best_epoch}", flush=True)
             break
 
-    model.load_state_dict(best_state)
+    kept_epoch = len(history)
+    if config.optim.restore_best and best_epoch != kept_epoch:
+        model.load_state_dict(best_state)
+        kept_epoch = best_epoch
     if logger:
         logger.log_metrics({"best_epoch": best_epoch, "best_val_loss": best_val}, step=best_epoch)
+        logger.log_metrics({KEPT_EPOCH_METRIC: kept_epoch}, step=kept_epoch)
     return TrainResult(model=model, splits=splits, batcher=batcher, history=history, best_epoch=best_epoch,
-                       best_val_loss=best_val, stopped_early=stopped_early, device=device, seeds=seeds,
-                       determinism=determinism)
+                       best_val_loss=best_val, kept_epoch=kept_epoch, stopped_early=stopped_early, device=device,
+                       seeds=seeds, determinism=determinism)
