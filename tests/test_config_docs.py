@@ -2,7 +2,7 @@
 import argparse
 import logging
 
-from pipelines.config import PRESET_PARAM, RunConfig, flatten, with_overrides
+from pipelines.config import RunConfig, field_index, with_overrides
 from pipelines.config_cli import add_config_arguments, documented_fields
 from pipelines.config_docs import BEGIN, DOC, END, REGENERATE, main, with_table
 
@@ -28,7 +28,7 @@ def test_every_field_says_what_it_means():
 
 def test_the_table_has_a_row_per_field_with_its_real_default():
     rows = table_rows(DOC.read_text())
-    fields = {"preset" if key == PRESET_PARAM else key for key in flatten(RunConfig())}
+    fields = {"preset"} | {f"{section}.{name}" for section, name, _ in field_index().values()}
     assert set(rows) == fields
     for key, (default, _, _) in rows.items():
         shown = "" if default == "(empty)" else default.strip("`")
