@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores: one torch thread each (and in the commands they start),
+    # or OpenMP's spinning threads oversubscribe the CPU and every test slows down many times over.
+    os.environ["OMP_NUM_THREADS"] = "1"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 EXPERIMENT = "tests"
 # Small enough for 2 CPU cores, large enough that validation loss clearly falls.
