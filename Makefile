@@ -16,7 +16,11 @@ export PATH := $(BIN):$(PATH)
 # What DATASET needs before a run: Fashion-MNIST comes from Debian when it is not on disk.
 DATASET_SETUP := $(if $(filter fashion-mnist,$(DATASET)),fashion-mnist)
 
-.PHONY: run test ui dashboard fashion-mnist
+# The suite runs on TEST_WORKERS processes (pytest-xdist): most tests wait on subprocesses,
+# servers and SQLite, so more workers than the 2 cores CI has still pay (docs/development.md).
+TEST_WORKERS ?= 4
+
+.PHONY: run test test-fast ui dashboard fashion-mnist
 
 # pip's output goes to a log: a few lines on success, the whole log when something fails.
 $(VENV)/.installed: requirements.txt
@@ -32,7 +36,11 @@ run: $(VENV)/.installed $(DATASET_SETUP)
 	$(BIN)/mlflow run . -e main --env-manager local -P dataset=$(DATASET) -P epochs=$(EPOCHS) -P device=$(DEVICE)
 
 test: $(VENV)/.installed fashion-mnist
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+# The inner loop: everything but the tests that train through real processes or start servers (`slow`).
+test-fast: $(VENV)/.installed fashion-mnist
+	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadgroup
 
 # MLflow 3.17's UI opens experiments on its GenAI view unless "Model training" is chosen at the top
 # left (it remembers the choice); the link below chooses it.

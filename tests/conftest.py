@@ -11,11 +11,53 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores: one torch thread each (and in the commands they start),
+    # or OpenMP's spinning threads oversubscribe the CPU and every test slows down many times over.
+    os.environ["OMP_NUM_THREADS"] = "1"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 EXPERIMENT = "tests"
 # Small enough for 2 CPU cores, large enough that validation loss clearly falls.
 TINY_DATA = ["--dataset", "fashion-mnist", "--limit-train", "1000", "--val-size", "300", "--limit-test", "500"]
 TINY_PARAMS = {"dataset": "fashion-mnist", "limit_train": "1000", "val_size": "300", "limit_test": "500"}
+
+# Session fixtures that train or start servers: every test that uses one runs on the same xdist
+# worker, so each is made once per test session, not once per worker.
+SHARED_SESSION_FIXTURES = ("conditional_run", "server_stack")
+
+
+def _xdist_group(item) -> str | None:
+    """Which tests must share an xdist worker: those using a shared session fixture (grouped by
+    fixture), else those of a module whose module-scoped fixtures they use (grouped by module);
+    any other test goes wherever a worker is free."""
+    fixtures = item._fixtureinfo.name2fixturedefs
+    for name in SHARED_SESSION_FIXTURES:
+        if name in fixtures:
+            return name
+    if any(defs[-1].scope == "module" for defs in fixtures.values()):
+        return item.module.__name__
+    return None
+
+
+_running_a_slow_test = False
+
+
+def pytest_runtest_setup(item):
+    """Remember whether the test being set up (fixtures included) is marked slow: ``Store.mlflow_run``
+    refuses to run for one that is not, so `make test-fast` never trains through a real process."""
+    global _running_a_slow_test
+    _running_a_slow_test = item.get_closest_marker("slow") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """With `pytest -n N --dist loadgroup` (make test), tests that share an expensive fixture share
+    a worker; see _xdist_group."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            group = _xdist_group(item)
+            if group:
+                item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
@@ -44,6 +86,8 @@ class Store:
 
     def mlflow_run(self, entry_point: str, params: dict | None = None, timeout: int = 600,
                    **kwargs) -> subprocess.CompletedProcess:
+        if not _running_a_slow_test:
+            pytest.fail("this test runs `mlflow run` (a real process that trains): mark it @pytest.mark.slow")
         command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point,
                    "--env-manager", "local", "--experiment-name", EXPERIMENT]
         for key, value in (params or {}).items():

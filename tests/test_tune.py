@@ -139,6 +139,7 @@ def test_smoke_study_via_mlflow_run_records_trials_plots_and_a_registered_model_
     assert_no_running(store)
 
 
+@pytest.mark.slow
 def test_pruning_prunes_clearly_worse_trials_and_failures_do_not_stop_the_study(store, tmp_path):
     # Trials 0-1 learn; trial 2 diverges to NaN; trials 3-4 barely learn and must be pruned at epoch 1.
     space = write_space(tmp_path, "uneven_space", """
@@ -170,6 +171,7 @@ def test_pruning_prunes_clearly_worse_trials_and_failures_do_not_stop_the_study(
     assert_no_running(store)
 
 
+@pytest.mark.slow
 def test_multi_objective_study_reports_a_pareto_front_and_does_not_prune(store):
     journal = store.root / "optuna.log"
     done = store.cli(TUNE, *SMOKE_ARGS, "--study", "front", "--storage", f"journal:{journal}",
@@ -199,6 +201,7 @@ def start_worker(store, env: dict, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_without_duplicating_trials_or_runs(store):
     # Fresh SQLite files for both Optuna and MLflow: the workers create the stores themselves.
     fresh_uri = f"sqlite:///{store.root / 'fresh-mlflow.db'}"
@@ -258,6 +261,7 @@ def test_bad_input_under_mlflow_run_fails_the_run_mlflow_created(store):
     assert [r.info.status for r in store.runs()] == ["FAILED"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_fails_the_trial_kills_its_run_and_the_study_resumes(store, tmp_path):
     space = write_space(tmp_path, "interrupted_space", """
         import os
@@ -285,6 +289,7 @@ def test_ctrl_c_fails_the_trial_kills_its_run_and_the_study_resumes(store, tmp_p
     assert_no_running(store)
 
 
+@pytest.mark.slow
 def test_a_killed_workers_trial_is_failed_by_the_next_worker(store):
     # Worker A dies mid-trial (kill -9: nothing of it can clean up); worker B, started after the
     # heartbeat grace period, must fail A's trial and close A's child and parent runs.
