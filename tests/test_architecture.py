@@ -12,7 +12,8 @@ from conftest import REPO
 # Lowest first: a layer may import the layers before it, never one after it.
 LAYERS = [
     ["cvae"],
-    ["pipelines.errors", "pipelines.config", "pipelines.presets", "pipelines.config_cli", "pipelines.data"],
+    ["pipelines.errors", "pipelines.config", "pipelines.metrics", "pipelines.presets", "pipelines.config_cli",
+     "pipelines.data"],
     ["pipelines.tracking"],
     ["pipelines.training"],
     ["pipelines.models"],

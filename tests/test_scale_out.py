@@ -26,7 +26,7 @@ from conftest import REPO
 TUNE = "pipelines.entrypoints.tune"
 PARENT_TAG = "mlflow.parentRunId"
 EPOCHS = 2
-OBJECTIVE_METRIC = "val/neg_elbo"  # what the default objective (nll) reports to Optuna every epoch
+OBJECTIVE_METRIC = "val/neg_elbo"  # what the default objective (neg_elbo) reports to Optuna every epoch
 HEARTBEAT_GRACE_S = 4
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WORKER_ARGS = ["--space", "smoke", "--device", "cpu", "--threads", "1", "--dataset", "fashion-mnist",
@@ -95,9 +95,9 @@ def lost_or_duplicated(client: MlflowClient, trials, children) -> list[str]:
         if trial.state == TrialState.COMPLETE:
             if sorted(logged) != list(range(1, EPOCHS + 1)):
                 problems.append(f"trial {trial.number}: epochs {sorted(logged)} logged, not 1..{EPOCHS}")
-            objective = run.data.metrics.get("objective/nll")
+            objective = run.data.metrics.get("objective/neg_elbo")
             if objective is None or not math.isclose(objective, trial.value, rel_tol=1e-9):
-                problems.append(f"trial {trial.number}: value {trial.value}, run's objective/nll {objective}")
+                problems.append(f"trial {trial.number}: value {trial.value}, run's objective/neg_elbo {objective}")
     return problems
 
 

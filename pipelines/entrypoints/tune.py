@@ -11,9 +11,10 @@ from typing import Sequence
 
 from pipelines.config_cli import add_config_arguments, config_from_args
 from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
+from pipelines.metrics import DEFAULT_OBJECTIVE, OBJECTIVES
 from pipelines.training.preflight import preflight
 from pipelines.tracking.runs import RunLogger, entry_point_run
-from pipelines.studies.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, HEARTBEAT_GRACE_S, OBJECTIVES, PRUNERS, SAMPLERS,
+from pipelines.studies.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, HEARTBEAT_GRACE_S, PRUNERS, SAMPLERS,
                             TRIAL_ARTIFACTS, StudySettings, conclude_study, log_study_params, note_pruning,
                             prepare_study, run_study, run_trials, trials_to_run)
 from pipelines.studies.workers import (STOP_AT_TRIALS_FLAG, WORKER_INDEX_FLAG, WORKER_OF_FLAG, plan_workers,
@@ -41,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                "postgresql://... for many workers)")
     _flag(study, "space", default="default",
           help=f"search space: {', '.join(space_names())}, or path/to/file.py:function")
-    _flag(study, "objectives", default="nll",
-          help=f"comma-separated, all minimised: {', '.join(OBJECTIVES)} (e.g. recon,kl or nll,params "
-               "for a multi-objective study)")
+    _flag(study, "objectives", default=DEFAULT_OBJECTIVE,
+          help=f"comma-separated, all minimised: {', '.join(OBJECTIVES)} (e.g. recon,kl or neg_elbo,params "
+               f"for a multi-objective study; default {DEFAULT_OBJECTIVE}; nll is its old name)")
     _flag(study, "sampler", default="auto", help=f"{', '.join(SAMPLERS)} (auto: tpe, or nsga2 for several objectives)")
     _flag(study, "sampler_seed", default="", help="sampler seed (default: --seed); give parallel workers different ones")
     _flag(study, "pruner", default="median", help=f"{', '.join(PRUNERS)} (off in multi-objective studies)")

@@ -24,6 +24,7 @@ from optuna.storages.journal import JournalFileBackend
 from cvae.config import ConfigError, require, require_choice
 from pipelines.config import RunConfig, flatten, with_overrides
 from pipelines.data import DataUnavailableError, DatasetSplits, load_splits
+from pipelines.metrics import DEFAULT_OBJECTIVE, LIKELIHOOD_KIND_TAG, OBJECTIVES, objective_name, run_likelihood_kind
 from pipelines.training.execution import resolve_device
 from pipelines.tracking.runs import RunLogger, require_tracking_server, resolve_experiment_id
 from pipelines.studies.chosen_trials import chosen_trials, record_chosen_trials
@@ -42,19 +43,6 @@ SQLITE_TIMEOUT_S = 60  # how long a writer waits for SQLite's lock before "datab
 HEARTBEAT_GRACE_S = 120  # a running trial silent this long belongs to a dead worker
 SAMPLERS = ("auto", "tpe", "random", "cmaes", "nsga2", "bruteforce")
 PRUNERS = ("median", "hyperband", "none")
-# Objective name -> the per-epoch validation metric it is read from (None: not a per-epoch quantity).
-# Values are comparable across trials only under one likelihood and one conditioning (README:
-# Units); the `architectures` space makes both the study's. `nll`/`neg_elbo` is recon + KL at
-# beta = 1, comparable across beta; it bounds -log p(x) (or -log p(x|y)) only for the exact
-# likelihood kinds (run tag likelihood_kind), and is a cross-entropy or density bound otherwise.
-OBJECTIVES = {
-    "nll": "val/neg_elbo",  # the historical name of neg_elbo, kept so existing studies resume
-    "neg_elbo": "val/neg_elbo",
-    "loss": "val/loss",  # the training objective recon + beta * KL, at the trial's own beta
-    "recon": "val/recon",
-    "kl": "val/kl",
-    "params": None,  # number of model parameters
-}
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 # Failures that end one trial (FAIL) while the study goes on; anything else is a bug and stops it.
 TRIAL_FAILURES = (NonFiniteLossError, OUT_OF_MEMORY)
@@ -72,7 +60,7 @@ class StudySettings:
     name: str = "cvae"
     storage: str = DEFAULT_STORAGE
     space: str = "default"
-    objectives: tuple[str, ...] = ("nll",)
+    objectives: tuple[str, ...] = (DEFAULT_OBJECTIVE,)  # names of pipelines.metrics.OBJECTIVES
     sampler: str = "auto"  # tpe for one objective, nsga2 for several
     sampler_seed: int = 0
     pruner: str = "median"
@@ -86,13 +74,14 @@ class StudySettings:
     workers: int = 1  # worker processes this invocation starts on the study
 
     def __post_init__(self):
+        object.__setattr__(self, "objectives", tuple(objective_name(name) for name in self.objectives))
         require(bool(self.name.strip()), "study", self.name, "a non-empty study name")
         require(len(self.objectives) >= 1 and len(set(self.objectives)) == len(self.objectives),
-                "objectives", ",".join(self.objectives), "distinct names, e.g. nll or recon,kl")
+                "objectives", ",".join(self.objectives), "distinct names, e.g. neg_elbo or recon,kl")
         for name in self.objectives:
             require_choice("objectives", name, tuple(OBJECTIVES))
         require(self.multi_objective or self.objectives != ("params",), "objectives", "params",
-                "params only beside another objective, e.g. nll,params")
+                "params only beside another objective, e.g. neg_elbo,params")
         require_choice("sampler", self.sampler, SAMPLERS)
         require(not (self.multi_objective and self.sampler == "cmaes"), "sampler", self.sampler,
                 "a multi-objective sampler (auto, nsga2, tpe, random): CMA-ES optimises one objective")
@@ -277,8 +266,8 @@ def prepare_study(settings: StudySettings, base: RunConfig, experiment: str | No
         study.set_user_attr(OBJECTIVES_ATTR, list(settings.objectives))
         with warnings.catch_warnings():  # still "experimental" in Optuna 5.0, in use since 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(list(settings.objectives))  # optuna-dashboard shows "nll", not "Objective 0"
-    elif tuple(recorded) != settings.objectives:
+            study.set_metric_names(list(settings.objectives))  # optuna-dashboard shows "neg_elbo", not "Objective 0"
+    elif tuple(objective_name(name) for name in recorded) != settings.objectives:
         raise ConfigError(f"objectives={','.join(settings.objectives)!r} is not valid for study "
                           f"{settings.name!r}, which optimises {','.join(recorded)}; use those or a new study name")
     study.sampler = build_sampler(settings, settings.sampler_seed)
@@ -292,8 +281,8 @@ def parameter_count(result: TrainResult) -> int:
 
 def objective_values(objectives: Sequence[str], result: TrainResult) -> list[float]:
     best_epoch = result.history[result.best_epoch - 1]
-    values = [float(parameter_count(result)) if OBJECTIVES[name] is None else float(best_epoch[OBJECTIVES[name]])
-              for name in objectives]
+    values = [float(parameter_count(result)) if OBJECTIVES[name].metric is None
+              else float(best_epoch[OBJECTIVES[name].metric]) for name in objectives]
     if not all(math.isfinite(v) for v in values):
         raise NonFiniteLossError(f"objective values are not finite: {dict(zip(objectives, values))}")
     return values
@@ -337,7 +326,7 @@ class TrialObjective:
         self.current: optuna.Trial | None = None
 
     def _report(self, trial: optuna.Trial, epochs: int):
-        metric = OBJECTIVES[self.settings.objectives[0]]
+        metric = OBJECTIVES[self.settings.objectives[0]].metric
 
         def on_epoch(epoch: int, metrics: dict) -> None:
             trial.report(metrics[metric], step=epoch)
@@ -389,6 +378,8 @@ def note_pruning(settings: StudySettings) -> None:
 
 def log_study_params(parent: RunLogger, settings: StudySettings, base: RunConfig) -> None:
     parent.log_params({**study_params(settings), **{f"base.{k}": v for k, v in flatten(base).items()}})
+    # Every trial keeps the study's likelihood (the spaces leave it alone): what its values are.
+    parent.set_tags({LIKELIHOOD_KIND_TAG: run_likelihood_kind(base)})
 
 
 def run_trials(study: optuna.Study, settings: StudySettings, space: SearchSpace, base: RunConfig,
@@ -421,7 +412,8 @@ def conclude_study(study: optuna.Study, settings: StudySettings, base: RunConfig
     trials = study.get_trials(deepcopy=False)
     chosen = chosen_trials(trials, len(settings.objectives))
     record_chosen_trials(parent.client, chosen, base, splits, resolve_device(base.execution))
-    summarise_study(study, parent, settings.objectives, settings.register_as or None, trials, chosen)
+    summarise_study(study, parent, settings.objectives, run_likelihood_kind(base), settings.register_as or None,
+                    trials, chosen)
 
 
 def trials_to_run(settings: StudySettings) -> int | None:

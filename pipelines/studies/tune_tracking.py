@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.entities.model_registry import ModelVersion
 from optuna.trial import FrozenTrial, TrialState
 
+from pipelines.metrics import OBJECTIVES
 from pipelines.tracking.run_description import describe_study
 from pipelines.tracking.liveness import heartbeat
 from pipelines.tracking.runs import RunLogger, end_run_for, start_run
@@ -190,14 +191,15 @@ def register_best_model(client: MlflowClient, name: str, trial: FrozenTrial, stu
             time.sleep(attempt)
 
 
-def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence[str],
+def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence[str], kind: str,
                     register_as: str | None, trials: Sequence[FrozenTrial], chosen: Sequence[FrozenTrial]) -> None:
     """What the parent run keeps: trial counts, the trials table, the best result, plots, the model.
 
     ``trials`` is one snapshot of the study and ``chosen`` the best trial (or the Pareto front)
     decided from it: the best value, the best params and the registered model all come from
     there, even while parallel workers go on adding trials. Counts and tables cover the whole
-    study, including trials of earlier or parallel invocations.
+    study, including trials of earlier or parallel invocations. ``kind``: the study's likelihood
+    kind, which says what its objective values are.
     """
     counts = Counter(t.state.name for t in trials)
     logger.log_metrics({f"trials_{state.lower()}": counts.get(state, 0)
@@ -206,7 +208,7 @@ def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         print("note: no trial completed yet; no best trial, plots or model", flush=True)
-        describe_study(logger, study.study_name, objectives, trials, chosen)
+        describe_study(logger, study.study_name, objectives, kind, trials, chosen)
         return
 
     if len(objectives) == 1:
@@ -214,7 +216,8 @@ def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence
         logger.log_metrics({"best_value": best.value}, step=0)
         logger.log_params({f"best.{k}": v for k, v in best.params.items()})
         logger.set_tags({"best_trial_number": best.number, "best_run_id": best.user_attrs.get(RUN_ID_ATTR, "")})
-        print(f"best trial {best.number}: {objectives[0]} {best.value:.4f}  {best.params}", flush=True)
+        print(f"best trial {best.number}: {objectives[0]} {best.value:.4f} "
+              f"({OBJECTIVES[objectives[0]].describe(kind)})  {best.params}", flush=True)
     else:
         front = sorted(chosen, key=lambda t: t.number)
         table = study.trials_dataframe()
@@ -230,7 +233,7 @@ def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence
     if len(objectives) > 1:
         print("note: a multi-objective study has no single best model; pick one from the Pareto front "
               "(pareto_front.csv) and register it with `mlflow.register_model`", flush=True)
-        describe_study(logger, study.study_name, objectives, trials, chosen)
+        describe_study(logger, study.study_name, objectives, kind, trials, chosen)
         return
     if register_as:
         version = register_best_model(logger.client, register_as, chosen[0], study.study_name)
@@ -238,4 +241,4 @@ def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence
             logger.set_tags({"registered_model": f"models:/{register_as}@{BEST_ALIAS}",
                              "registered_model_version": version.version})
             print(f"registered models:/{register_as}@{BEST_ALIAS} (version {version.version})", flush=True)
-    describe_study(logger, study.study_name, objectives, trials, chosen)
+    describe_study(logger, study.study_name, objectives, kind, trials, chosen)

@@ -27,6 +27,7 @@ from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 
 from pipelines.config import RunConfig
+from pipelines.metrics import OBJECTIVES, headline_metrics, run_likelihood_kind
 from pipelines.presets import preset_config
 from pipelines.tracking.runs import RunLogger
 
@@ -43,19 +44,6 @@ SPLIT_CONTEXTS = (("train", "training"), ("val", "validation"), ("test", "test")
 KEY_FIGURES = ("figures/loss_curves.png", "figures/latent_scatter_test.png", "figures/reconstructions.png",
                "figures/class_samples.png", "figures/samples.png")
 EMBEDDED_FIGURE = "figures/latent_scatter_test.png"
-# Metric key -> what the description calls it, with its unit.
-HEADLINE_METRICS = {
-    "test/neg_elbo": "test negative ELBO (upper bound on −log p(x), nats per example)",
-    "test/iwae_bound_k10": "test IWAE bound on −log p(x), k=10 (nats per example)",
-    "test/recon": "test reconstruction (nats per example)",
-    "test/kl": "test KL (nats per example)",
-    "test/active_units": "test active latent units (of the latent size)",
-    "test/sample_accuracy": "classifier-judged accuracy of samples for the requested label (fraction)",
-    "best_val_loss": "best validation loss (nats per example)",
-    "val/neg_elbo": "validation negative ELBO at the best epoch (nats per example)",
-}
-
-
 def _number(value: float) -> str:
     """Three significant digits, short: 1, 0.5, 0.157, 3e-4, 7.84e-3, 250."""
     if value == 0 or 1e-2 <= abs(value) < 1e5:
@@ -205,7 +193,7 @@ def run_description(config: RunConfig, metrics: Mapping[str, float], artifacts: 
     if config.preset:
         trained += f"; preset `{config.preset}`"
     lines.append(trained + ".")
-    shown = {key: label for key, label in HEADLINE_METRICS.items() if key in metrics}
+    shown = headline_metrics(run_likelihood_kind(config), metrics)
     if "test/neg_elbo" in shown:  # the test set's number says it; validation's would only repeat it
         shown.pop("val/neg_elbo", None)
     rows = [(label, metrics[key], key) for key, label in shown.items()]
@@ -241,12 +229,13 @@ def describe_run(logger: RunLogger, config: RunConfig, result: "TrainResult",
     return text
 
 
-def study_description(study_name: str, counts: Mapping[str, int], objectives: Sequence[str],
+def study_description(study_name: str, counts: Mapping[str, int], objectives: Sequence[str], kind: str | None,
                       best: Mapping[str, object] | None, plots: Mapping[str, str],
                       registered: str | None = None) -> str:
     """Markdown for a study's parent run: trial counts, the best trial (linked) and the plots.
 
-    ``best``: ``number``, ``value``, ``params``, and the ``name`` and ``link`` of the best trial's run.
+    ``kind``: the study's likelihood kind, which says what the objective values are; ``best``:
+    ``number``, ``value``, ``params``, and the ``name`` and ``link`` of the best trial's run.
     """
     total = sum(counts.values())
     states = ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
@@ -257,7 +246,8 @@ def study_description(study_name: str, counts: Mapping[str, int], objectives: Se
     if best:
         params = ", ".join(f"{k}={_number(v) if isinstance(v, float) else v}" for k, v in best["params"].items())
         lines += ["", f"Best: [{best['name'] or 'trial-' + str(best['number'])}]({best['link']}) with "
-                      f"{objectives[0]} = {best['value']:.4g} nats per example" + (f" ({params})" if params else "") + "."]
+                      f"{objectives[0]} = {best['value']:.4g} ({OBJECTIVES[objectives[0]].describe(kind)})"
+                      + (f", {params}" if params else "") + "."]
     elif len(objectives) > 1:
         lines += ["", "A multi-objective study has no single best trial: see `pareto_front.csv`."]
     if registered:
@@ -267,7 +257,7 @@ def study_description(study_name: str, counts: Mapping[str, int], objectives: Se
     return "\n".join(lines)
 
 
-def describe_study(logger: RunLogger, study_name: str, objectives: Sequence[str],
+def describe_study(logger: RunLogger, study_name: str, objectives: Sequence[str], kind: str,
                    trials: Sequence["FrozenTrial"], chosen: Sequence["FrozenTrial"]) -> str:
     """Write ``study_description`` into the study's parent run (call it after the plots are logged).
 
@@ -288,6 +278,6 @@ def describe_study(logger: RunLogger, study_name: str, objectives: Sequence[str]
     plots = {a.path: artifact_page(experiment_id, logger.run_id, a.path)
              for a in client.list_artifacts(logger.run_id, "plots") if not a.is_dir}
     registered = client.get_run(logger.run_id).data.tags.get("registered_model")
-    text = study_description(study_name, counts, objectives, best, plots, registered)
+    text = study_description(study_name, counts, objectives, kind, best, plots, registered)
     logger.set_tags({MLFLOW_RUN_NOTE: text})
     return text
