@@ -255,7 +255,8 @@ def test_an_unreachable_tracking_server_stops_the_worker_before_any_trial(data_d
 def test_a_missing_postgresql_driver_names_the_package_to_install(tmp_path, monkeypatch):
     from cvae.config import ConfigError
     from pipelines.config import RunConfig
-    from pipelines.studies.tune import StudySettings, prepare_study
+    from pipelines.studies.settings import StudySettings
+    from pipelines.studies.tune import prepare_study
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -17,7 +17,7 @@ from pipelines.config import RunConfig, with_overrides
 from pipelines.evaluation.evaluate import LIKELIHOOD_KIND_TAG, iwae_metric
 from pipelines.recording.record import BEST_TRIAL, DETAIL_TAG, FULL, TRIAL
 from pipelines.reproduce import AGREES
-from pipelines.studies.tune import trial_seed
+from pipelines.studies.sampling import trial_seed
 from pipelines.studies.workers import plan_workers, worker_command
 from conftest import TINY_DATA, assert_no_running, make_store
 
@@ -157,7 +157,8 @@ def test_trial_seeds_differ_for_every_trial_and_depend_on_the_study_seed():
 
 def test_two_samplers_with_the_same_seed_draw_differently_for_different_trials():
     """The old scheme (seed + trials seen) made a late-starting worker replay another's draws."""
-    from pipelines.studies.tune import StudySettings, build_sampler
+    from pipelines.studies.sampling import build_sampler
+    from pipelines.studies.settings import StudySettings
 
     study = optuna.create_study(sampler=build_sampler(StudySettings(sampler="random"), 1))
     drawn = [study.ask().suggest_float("x", 0, 1) for _ in range(20)]

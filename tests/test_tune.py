@@ -313,7 +313,8 @@ def test_a_killed_workers_trial_is_failed_by_the_next_worker(store):
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "nsga2"])
 def test_every_sampler_builds_and_optimises_a_toy_problem(sampler):
-    from pipelines.studies.tune import StudySettings, build_sampler
+    from pipelines.studies.sampling import build_sampler
+    from pipelines.studies.settings import StudySettings
 
     settings = StudySettings(sampler=sampler)
     study = optuna.create_study(sampler=build_sampler(settings, seed=0))
@@ -324,7 +325,8 @@ def test_every_sampler_builds_and_optimises_a_toy_problem(sampler):
 def test_a_study_recorded_under_the_old_objective_name_resumes_under_the_new_one(in_store):
     from cvae.config import ConfigError
     from pipelines.config import RunConfig
-    from pipelines.studies.tune import StudySettings, prepare_study
+    from pipelines.studies.settings import StudySettings
+    from pipelines.studies.tune import prepare_study
 
     storage = storage_url(in_store)
     optuna.create_study(study_name="old", storage=storage).set_user_attr("objectives", ["nll"])

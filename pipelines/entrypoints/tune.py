@@ -13,12 +13,12 @@ from pipelines.config_cli import add_config_arguments, config_from_args
 from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
 from pipelines.metrics import DEFAULT_OBJECTIVE, OBJECTIVES
 from pipelines.training.preflight import preflight
-from pipelines.tracking.runs import RunLogger, entry_point_run
-from pipelines.studies.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, HEARTBEAT_GRACE_S, PRUNERS, SAMPLERS,
-                            TRIAL_ARTIFACTS, StudySettings, conclude_study, log_study_params, note_pruning,
-                            prepare_study, run_study, run_trials, trials_to_run)
-from pipelines.studies.workers import (STOP_AT_TRIALS_FLAG, WORKER_INDEX_FLAG, WORKER_OF_FLAG, plan_workers,
-                                      run_workers)
+from pipelines.tracking.runs import entry_point_run
+from pipelines.studies.settings import (DEFAULT_STORAGE, DEFAULT_TRIALS, HEARTBEAT_GRACE_S, PRUNERS, SAMPLERS,
+                                       TRIAL_ARTIFACTS, StudySettings)
+from pipelines.studies.tune import prepare_study, run_study
+from pipelines.studies.workers import (STOP_AT_TRIALS_FLAG, WORKER_INDEX_FLAG, WORKER_OF_FLAG, coordinate_workers,
+                                      run_as_worker)
 from search_spaces import resolve_space, space_names
 
 NO_REGISTRATION = "none"
@@ -103,8 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     preflight(base)  # device, data sizes, the base model on the meta device, before any run
     study = prepare_study(settings, base, args.experiment)
     if args.worker_of:
-        return run_as_worker(study, settings, space, base, args.worker_of, args.worker_index,
-                             number_option("stop_at_trials", args.stop_at_trials, int, minimum=1))
+        run_as_worker(study, settings, space, base, args.worker_of, number_option("worker_index", args.worker_index, int),
+                      number_option("stop_at_trials", args.stop_at_trials, int, minimum=1))
+        return 0
     with entry_point_run(args.experiment, args.run_name or settings.name, tags={"study": settings.name}) as parent:
         print(f"study {settings.name!r}: {len(study.trials)} trials so far; parent run {parent.run_id}", flush=True)
         if settings.workers == 1:
@@ -116,37 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               "see their output above", file=sys.stderr)
         return 1
     return 0
-
-
-def run_as_worker(study, settings: StudySettings, space, base, parent_run_id: str, index: str,
-                  stop_at_trials: int | None) -> int:
-    """One of the processes `--workers N` started: run trials under the shared parent run until the
-    study holds ``stop_at_trials`` trials; the coordinating process concludes the study."""
-    print(f"worker {index}: study {settings.name!r}, trials until the study holds "
-          f"{stop_at_trials or 'the timeout'}", flush=True)
-    run_trials(study, settings, space, base, RunLogger(parent_run_id), settings.n_trials,
-               stop_at_trials=stop_at_trials)
-    return 0
-
-
-def coordinate_workers(study, settings: StudySettings, base, parent: RunLogger, argv: list[str]) -> list[int]:
-    """Start the workers, wait for them, conclude the study; return the indices of failed workers.
-
-    The workers share this invocation's ``n_trials``: each draws trials until the study holds
-    as many as it had now plus ``n_trials``, so none idles while another has a queue."""
-    note_pruning(settings)
-    log_study_params(parent, settings, base)
-    n_trials = trials_to_run(settings)
-    stop_at_trials = None if n_trials is None else len(study.get_trials(deepcopy=False)) + n_trials
-    plans = plan_workers(base, settings.workers, n_trials)
-    try:
-        codes = run_workers(argv, plans, parent.run_id, stop_at_trials)
-    except KeyboardInterrupt:
-        print("interrupted: workers stopped; summarising the study so far", flush=True)
-        conclude_study(study, settings, base, parent, None)
-        raise
-    conclude_study(study, settings, base, parent, None)
-    return [plan.index for plan, code in zip(plans, codes) if code != 0]
 
 
 if __name__ == "__main__":

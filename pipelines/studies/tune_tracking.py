@@ -7,11 +7,9 @@ after the trial ends, from one place, so it serialises trials and cannot see pru
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import time
 import warnings
 from collections import Counter
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import mlflow
@@ -22,6 +20,7 @@ from mlflow.entities.model_registry import ModelVersion
 from optuna.trial import FrozenTrial, TrialState
 
 from pipelines.metrics import OBJECTIVES
+from pipelines.studies.storage import local_stores_lock
 from pipelines.tracking.run_description import describe_study
 from pipelines.tracking.liveness import heartbeat
 from pipelines.tracking.runs import RunLogger, end_run_for, start_run
@@ -31,31 +30,6 @@ PARENT_RUN_ID_ATTR = "mlflow_parent_run_id"
 STATE_TAG = "trial_state"
 BEST_ALIAS = "best"
 REGISTRATION_ATTEMPTS = 3  # a tracking server's registry may still race between workers
-
-
-def _local_sqlite_file(url: str) -> Path | None:
-    if not url.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-    database = make_url(url).database
-    return Path(database) if database and database != ":memory:" else None
-
-
-@contextlib.contextmanager
-def local_stores_lock(urls: Sequence[str]) -> Iterator[None]:
-    """Serialise steps that are not atomic across processes on local SQLite stores.
-
-    Two workers creating the same database's tables at once fail ("table already exists"), and
-    two registering a model at once race on its alias. A file lock on the database makes the
-    second one wait and then find the work done. SQLite's own locks are POSIX record locks, which
-    ``flock`` leaves alone. Server databases (PostgreSQL) need no such lock.
-    """
-    paths = sorted({p.resolve() for p in map(_local_sqlite_file, urls) if p and p.parent.is_dir()})
-    with contextlib.ExitStack() as stack:
-        for path in paths:
-            handle = stack.enter_context(open(path, "a"))
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 @contextlib.contextmanager
@@ -95,18 +69,11 @@ def close_abandoned_trial(study: optuna.Study, client: MlflowClient, trial: optu
         client.set_terminated(run_id, "KILLED")
 
 
-def close_stale_trial(study: optuna.Study, trial: FrozenTrial,
-                      retry: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> None:
+def close_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna failed ``trial`` because its worker stopped sending heartbeats: that worker is gone,
-    so its child run and its parent run end KILLED here, by the worker that noticed.
-
-    ``retry`` (Optuna's ``RetryHeartbeatStaleTrialCallback``) queues the trial again first, so the
-    study stays right even when the tracking server cannot be reached to close the runs.
-    """
+    so its child run and its parent run end KILLED here, by the worker that noticed."""
     reason = "the worker running this trial stopped sending heartbeats (killed or lost)"
-    if retry is not None:
-        retry(study, trial)
-    print(f"note: trial {trial.number} failed: {reason}" + ("; queued again" if retry else ""), flush=True)
+    print(f"note: trial {trial.number} failed: {reason}", flush=True)
     client = MlflowClient()
     try:
         for attr in (RUN_ID_ATTR, PARENT_RUN_ID_ATTR):
