@@ -10,7 +10,8 @@ from conftest import EXPERIMENT, REPO, TINY_DATA, TINY_PARAMS, make_store
 
 from pipelines.config import RunConfig, field_index, with_overrides
 from pipelines.presets import preset_config
-from pipelines.tracking.run_description import run_description, run_name, study_description, trial_run_name
+from pipelines.recording.run_description import run_description, run_name, trial_run_name
+from pipelines.studies.study_description import study_description
 from pipelines.tracking.runs import EXPERIMENT_KIND_TAG, MACHINE_LEARNING_KIND
 
 NOTE = "mlflow.note.content"

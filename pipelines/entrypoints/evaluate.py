@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = resolved.config.data
     check_available(replace(data, data_dir=args.data_dir) if args.data_dir else data)
     from pipelines.evaluation.evaluate import evaluate_model, summary_line
-    from pipelines.tracking.run_description import run_name
+    from pipelines.recording.run_description import run_name
     from pipelines.tracking.runs import entry_point_run
 
     with entry_point_run(args.experiment, args.run_name or f"evaluate · {run_name(resolved.config)}") as logger:

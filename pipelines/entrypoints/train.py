@@ -10,7 +10,7 @@ from pipelines.config_cli import add_config_arguments, config_from_args
 from pipelines.entrypoints.common import add_run_arguments, run_main
 from pipelines.training.preflight import preflight
 from pipelines.presets import preset_names
-from pipelines.tracking.run_description import run_name
+from pipelines.recording.run_description import run_name
 from pipelines.tracking.runs import entry_point_run
 
 

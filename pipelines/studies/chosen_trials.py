@@ -21,7 +21,7 @@ from pipelines.data import Batcher, DatasetSplits, load_splits
 from pipelines.recording.record import BEST_TRIAL, DETAIL_TAG, FULL, record_run
 from pipelines.tracking.runs import RunLogger
 from pipelines.training.train import TrainResult
-from pipelines.studies.tune_tracking import RUN_ID_ATTR
+from pipelines.studies.trial_runs import RUN_ID_ATTR
 
 PARETO_RECORD_CAP = 8  # Pareto-front trials that get figures and evaluation; a wide front is capped
 RECORDED_IN_FULL = (FULL.name, BEST_TRIAL.name)

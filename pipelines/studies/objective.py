@@ -19,8 +19,8 @@ from pipelines.recording.record import FULL, TRIAL, record_run
 from pipelines.studies.pruning import epoch_reporter
 from pipelines.studies.sampling import SAMPLER_SEED_ATTR, trial_seed
 from pipelines.studies.settings import StudySettings
-from pipelines.studies.tune_tracking import trial_run
-from pipelines.tracking.run_description import name_trial
+from pipelines.recording.run_description import name_trial
+from pipelines.studies.trial_runs import trial_run
 from pipelines.tracking.runs import RunLogger
 from pipelines.training.train import NonFiniteLossError, TrainResult, train
 

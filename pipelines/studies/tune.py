@@ -3,8 +3,8 @@
 Every trial trains through ``train`` with the study's base configuration plus a space's overrides.
 A study with the same name and storage resumes, and several processes on one storage share the
 work (``workers``). What each step uses lives beside this module: ``settings``, ``storage``,
-``sampling``, ``pruning``, ``objective``, ``tune_tracking`` (the trials' MLflow runs) and
-``chosen_trials``.
+``sampling``, ``pruning``, ``objective``, ``trial_runs`` (the trials' MLflow runs), ``chosen_trials``
+and ``study_summary``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from pipelines.studies.pruning import build_pruner, pruning_note
 from pipelines.studies.sampling import build_sampler
 from pipelines.studies.settings import StudySettings, study_params, trials_to_run
 from pipelines.studies.storage import load_or_create_study, local_stores_lock
-from pipelines.studies.tune_tracking import close_abandoned_trial, close_stale_trial, summarise_study
+from pipelines.studies.study_summary import summarise_study
+from pipelines.studies.trial_runs import close_abandoned_trial, close_stale_trial
 from pipelines.tracking.runs import RunLogger, require_tracking_server, resolve_experiment_id
 from pipelines.training.execution import resolve_device
 

@@ -27,7 +27,7 @@ from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
 from pipelines.training.execution import (autocast, configure_determinism, configure_threads, device_description,
                                  grad_scaler, is_deterministic, keep_freed_memory, resolve_device,
                                  seed_everything)
-from pipelines.tracking.run_description import log_dataset
+from pipelines.tracking.datasets import log_dataset
 from pipelines.tracking.runs import RunLogger, git_commit
 
 # Evaluation batch: a conv layer's activations for 250 images stay under glibc's 32 MB mmap limit,
