@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from cvae.errors import UserError
 from cvae.registry import architecture_names
 
 CONDITIONINGS = ("concat", "channel", "decoder", "none")
@@ -22,7 +23,7 @@ INITS = ("torch", "glorot_uniform")  # glorot_uniform: Keras' default (weights),
 GAUSSIAN_STD_RANGE = (math.exp(-6.0), math.exp(2.0))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field and what it accepts."""
 
 

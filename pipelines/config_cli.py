@@ -12,6 +12,13 @@ from pipelines.config import SECTIONS, RunConfig, field_index, with_overrides
 from pipelines.presets import preset_config
 
 
+def flag_names(name: str) -> list[str]:
+    """``latent_dim`` -> ``--latent-dim`` and ``--latent_dim``: `mlflow run` passes ``-P latent_dim=2``
+    as ``--latent_dim 2``, while people type dashes."""
+    dashed = "--" + name.replace("_", "-")
+    return [dashed] + ([f"--{name}"] if "_" in name else [])
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field (``--latent-dim``, ``--latent_dim``), plus ``--preset`` and ``--set``.
 
@@ -25,11 +32,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         for name, (_, _, typ) in index.items():
             if index[name][0] != section:
                 continue
-            dashed = name.replace("_", "-")
-            flags = [f"--{dashed}"] + ([f"--{name}"] if dashed != name else [])
             default = getattr(defaults, name)
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            group.add_argument(*flags, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="VALUE",
+            group.add_argument(*flag_names(name), dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="VALUE",
                                help=f"{section}.{name} (default: {shown!r})")
     parser.add_argument("--preset", default=argparse.SUPPRESS,
                         help="start from a named configuration (see --list-presets)")

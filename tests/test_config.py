@@ -80,7 +80,7 @@ def test_mlproject_train_parameters_are_configuration_fields():
 
 
 def test_numeric_options_accept_mlflow_floats_and_name_the_parameter():
-    from pipelines.entrypoints.common import number_option
+    from pipelines.entrypoints.command_line import number_option
     from pipelines.errors import UserError
 
     assert number_option("n", "", int, 8) == 8 and number_option("n", "16.0", int) == 16

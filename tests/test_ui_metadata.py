@@ -84,7 +84,7 @@ def test_study_description_links_the_best_trial_and_the_plots():
 # --- unknown parameters ----------------------------------------------------------------------------
 
 def test_closest_option_ignores_dash_or_underscore_and_keeps_the_users_spelling():
-    from pipelines.entrypoints.common import closest_option
+    from pipelines.entrypoints.command_line import closest_option
 
     known = ["--study", "--storage", "--latent-dim", "--latent_dim", "--n-trials", "--n_trials"]
     assert closest_option("--study_name", known) == "--study"
@@ -101,6 +101,9 @@ def test_closest_option_ignores_dash_or_underscore_and_keeps_the_users_spelling(
     ("pipelines.entrypoints.evaluate", [], "error: the following arguments are required: --model-uri (see --help)"),
     ("pipelines.entrypoints.generate", ["--model-uri", "m", "--labls", "1"],
      "error: unknown parameter --labls; did you mean --labels?"),
+    ("pipelines.entrypoints.reproduce", ["--run-id", "r", "--tolerence", "0"],
+     "error: unknown parameter --tolerence; did you mean --tolerance?"),
+    ("pipelines.entrypoints.stale_runs", ["--grace-s", "5"], "error: unknown parameter --grace-s; did you mean --grace?"),
 ])
 def test_a_usage_error_is_one_line_exit_2_and_no_run(store, module, args, line):
     done = store.cli(module, *args)

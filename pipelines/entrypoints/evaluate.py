@@ -10,12 +10,13 @@ from typing import Sequence
 
 from pipelines.config import ExecutionConfig
 from pipelines.data import check_available
-from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
+from pipelines.entrypoints.command_line import CommandParser, add_run_arguments, number_option
+from pipelines.entrypoints.common import run_main
 from pipelines.training.execution import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pipelines.entrypoints.evaluate",
         description="Evaluate a logged CVAE on the test set (nats per example): negative ELBO, IWAE "
                     "NLL, active units, and for conditional models classifier-judged sample quality.")

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from pipelines.config import ExecutionConfig
-from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
+from pipelines.entrypoints.command_line import CommandParser, add_run_arguments, number_option
+from pipelines.entrypoints.common import run_main
 from pipelines.errors import UserError
 from pipelines.training.execution import resolve_device
 
@@ -56,7 +57,7 @@ def writable_output(text: str) -> Path | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.entrypoints.generate",
+    parser = CommandParser(prog="python -m pipelines.entrypoints.generate",
                                      description="Write a grid of generated images from a logged CVAE.")
     parser.add_argument("--model-uri", required=True,
                         help="models:/<model_id>, models:/NAME@alias, models:/NAME/<version>, or a run id")

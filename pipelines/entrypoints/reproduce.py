@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
+from pipelines.entrypoints.command_line import CommandParser, add_run_arguments, number_option
+from pipelines.entrypoints.common import run_main
 
 EXIT_DIFFERS = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pipelines.entrypoints.reproduce",
         description="Re-run a logged training run (or study trial) from its manifest.json, in a new "
                     "MLflow run tagged reproduces=<id>, and compare metrics and weights with the original.")

@@ -16,13 +16,14 @@ import time
 from datetime import datetime, timezone
 from typing import Sequence
 
-from pipelines.entrypoints.common import number_option, run_main
+from pipelines.entrypoints.command_line import CommandParser, number_option
+from pipelines.entrypoints.common import run_main
 from pipelines.errors import UserError
 from pipelines.tracking.liveness import DEFAULT_GRACE_S, close_stale_run, stale_runs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pipelines.entrypoints.stale_runs",
         description="List RUNNING runs whose process is gone (no heartbeat for --grace seconds) in the "
                     "tracking store ($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db); --close ends them KILLED.")

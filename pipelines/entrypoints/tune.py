@@ -10,7 +10,8 @@ import sys
 from typing import Sequence
 
 from pipelines.config_cli import add_config_arguments, config_from_args
-from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
+from pipelines.entrypoints.command_line import CommandParser, add_flag, add_run_arguments, number_option
+from pipelines.entrypoints.common import run_main
 from pipelines.metrics import DEFAULT_OBJECTIVE, OBJECTIVES
 from pipelines.training.preflight import preflight
 from pipelines.tracking.runs import entry_point_run
@@ -24,49 +25,43 @@ from search_spaces import resolve_space, space_names
 NO_REGISTRATION = "none"
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """``--n-trials`` and ``--n_trials`` alike: `mlflow run` passes unknown -P params underscored."""
-    flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-    parser.add_argument(*flags, dest=name, **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pipelines.entrypoints.tune",
         description="Tune a conditional VAE with Optuna; every trial is a nested MLflow run. "
                     "An empty value means 'not given'.")
     study = parser.add_argument_group("study")
-    _flag(study, "study", default="cvae", help="study name; the same name and storage resume the study")
-    _flag(study, "storage", default=DEFAULT_STORAGE,
+    add_flag(study, "study", default="cvae", help="study name; the same name and storage resume the study")
+    add_flag(study, "storage", default=DEFAULT_STORAGE,
           help=f"Optuna storage URL (default {DEFAULT_STORAGE}; journal:PATH for a journal file; "
                "postgresql://... for many workers)")
-    _flag(study, "space", default="default",
+    add_flag(study, "space", default="default",
           help=f"search space: {', '.join(space_names())}, or path/to/file.py:function")
-    _flag(study, "objectives", default=DEFAULT_OBJECTIVE,
+    add_flag(study, "objectives", default=DEFAULT_OBJECTIVE,
           help=f"comma-separated, all minimised: {', '.join(OBJECTIVES)} (e.g. recon,kl or neg_elbo,params "
                f"for a multi-objective study; default {DEFAULT_OBJECTIVE}; nll is its old name)")
-    _flag(study, "sampler", default="auto", help=f"{', '.join(SAMPLERS)} (auto: tpe, or nsga2 for several objectives)")
-    _flag(study, "sampler_seed", default="", help="sampler seed (default: --seed); give parallel workers different ones")
-    _flag(study, "pruner", default="median", help=f"{', '.join(PRUNERS)} (off in multi-objective studies)")
-    _flag(study, "pruner_startup_trials", default="5", help="median pruner: trials before any pruning")
-    _flag(study, "pruner_warmup_epochs", default="0", help="median pruner: epochs before a trial may be pruned")
-    _flag(study, "n_trials", default="",
+    add_flag(study, "sampler", default="auto", help=f"{', '.join(SAMPLERS)} (auto: tpe, or nsga2 for several objectives)")
+    add_flag(study, "sampler_seed", default="", help="sampler seed (default: --seed); give parallel workers different ones")
+    add_flag(study, "pruner", default="median", help=f"{', '.join(PRUNERS)} (off in multi-objective studies)")
+    add_flag(study, "pruner_startup_trials", default="5", help="median pruner: trials before any pruning")
+    add_flag(study, "pruner_warmup_epochs", default="0", help="median pruner: epochs before a trial may be pruned")
+    add_flag(study, "n_trials", default="",
           help=f"trials this process runs (default {DEFAULT_TRIALS}, or unlimited when --timeout is given)")
-    _flag(study, "timeout", default="", help="stop starting trials after this many seconds")
-    _flag(study, "register_as", default="",
+    add_flag(study, "timeout", default="", help="stop starting trials after this many seconds")
+    add_flag(study, "register_as", default="",
           help=f"registered model name for the best trial's model, alias @best (default: the study name; "
                f"'{NO_REGISTRATION}' registers nothing)")
-    _flag(study, "workers", default="1",
+    add_flag(study, "workers", default="1",
           help="worker processes this command starts on the study (each CPU worker gets cores / workers "
                "threads unless --threads is given; GPUs are shared out among them); --n-trials is their total")
-    _flag(study, "trial_artifacts", default="best",
+    add_flag(study, "trial_artifacts", default="best",
           help=f"{', '.join(TRIAL_ARTIFACTS)}: every trial keeps its metrics, model and manifest; 'best' gives "
                "test metrics, figures, evaluation and the generator to the chosen trial(s) only, 'all' to every trial")
-    _flag(study, "heartbeat_grace", default="",
+    add_flag(study, "heartbeat_grace", default="",
           help=f"seconds without a heartbeat after which another worker fails a running trial "
                f"(default {HEARTBEAT_GRACE_S}; database storages only)")
     add_run_arguments(study, run_name_help="name of the parent MLflow run (default: the study name)")
-    _flag(study, "list_spaces", action="store_true", help="print the search space names and exit")
+    add_flag(study, "list_spaces", action="store_true", help="print the search space names and exit")
     # Set by `--workers N` on the worker processes it starts: the parent run they report to.
     study.add_argument(WORKER_OF_FLAG, dest="worker_of", default="", help=argparse.SUPPRESS)
     study.add_argument(WORKER_INDEX_FLAG, dest="worker_index", default="0", help=argparse.SUPPRESS)

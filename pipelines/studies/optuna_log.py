@@ -12,14 +12,13 @@ import contextlib
 import logging
 from typing import Iterator
 
-from cvae.config import ConfigError
-from pipelines.data import DataUnavailableError
+from pipelines.errors import UserError
 
 OPTIMIZE_LOGGER = "optuna.study._optimize"
 
 
 class _StopsWithoutTraceback(logging.Filter):
-    STOPS = (ConfigError, DataUnavailableError, KeyboardInterrupt)
+    STOPS = (UserError, KeyboardInterrupt)
 
     def __init__(self):
         super().__init__()

@@ -23,6 +23,7 @@ import cvae
 from cvae import CVAE, kl_weight_at, negative_elbo
 from cvae.likelihood import likelihood_kind
 from pipelines.config import RunConfig, flatten
+from pipelines.errors import RunFailedError
 from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
 from pipelines.training.execution import (autocast, configure_determinism, configure_threads, device_description,
                                  grad_scaler, is_deterministic, keep_freed_memory, resolve_device,
@@ -38,7 +39,7 @@ EVAL_SEED = 1234
 EpochCallback = Callable[[int, dict], None]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailedError):
     """Training diverged: a loss became NaN or infinite."""
 
 
