@@ -1,6 +1,7 @@
 """What the MLflow UI shows about runs: names, descriptions, datasets, source, experiment kind, params;
 and one-line errors for unknown parameters."""
 import argparse
+import re
 import sys
 
 import pytest
@@ -150,6 +151,20 @@ def test_mlproject_options_are_real_typed_options_of_their_commands():
         for name, parameter in spec["parameters"].items():
             assert "{" + name + "}" in spec["command"], f"{entry}: {name} is not passed to the command"
             assert parameter.get("default", "x") != "", f"{entry}: {name} would be logged as '' when unset"
+
+
+def test_defaults_mlproject_names_are_the_commands_own():
+    """MLproject repeats a few defaults for `mlflow run` users: each must be the command's."""
+    project = yaml.safe_load((REPO / "MLproject").read_text())
+    named = 0
+    for entry, spec in project["entry_points"].items():
+        parser = _parser_of(entry)
+        for name, option in spec.get("options", {}).items():
+            match = re.search(r"\(default (-?\d+(?:\.\d+)?)\)", option.get("help", ""))
+            if match:
+                named += 1
+                assert float(match.group(1)) == parser.get_default(name), f"{entry}: {name}"
+    assert named >= 10
 
 
 # --- what real runs record ----------------------------------------------------------------------

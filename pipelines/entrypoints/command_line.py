@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-from typing import Sequence
+import re
+from typing import Callable, Sequence
 
 from pipelines.config_cli import flag_names
 from pipelines.entrypoints.under_mlflow_run import option_label
@@ -13,6 +14,7 @@ from pipelines.errors import UserError
 
 EXPERIMENT_HELP = "MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else Default)"
 UNRECOGNIZED = "unrecognized arguments: "
+_ABOUT_OPTION = re.compile(r"^argument (-\S+): (.*)$")
 
 
 def closest_option(name: str, known: Sequence[str]) -> str | None:
@@ -32,7 +34,14 @@ def closest_option(name: str, known: Sequence[str]) -> str | None:
 class CommandParser(argparse.ArgumentParser):
     """argparse's parser whose usage errors are a ``UserError`` of one line (so the entry point
     reports it as such, and a run `mlflow run` made ends FAILED with it), not a page of usage text.
-    An unknown option is named with the closest known one."""
+    An unknown option is named with the closest known one; an option given as '' takes its default."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if action.default not in (None, argparse.SUPPRESS) and getattr(namespace, action.dest, "") in (None, ""):
+                setattr(namespace, action.dest, action.default)
+        return namespace, rest
 
     def error(self, message: str):
         raise UserError(self.one_line(message))
@@ -41,6 +50,11 @@ class CommandParser(argparse.ArgumentParser):
         return [option for action in self._actions for option in action.option_strings if option.startswith("--")]
 
     def one_line(self, message: str) -> str:
+        about_option = _ABOUT_OPTION.match(message)
+        if about_option:  # "argument --n-trials/--n_trials: 'x' is not valid; ..." from an option type
+            key = about_option.group(1).split("/")[-1].lstrip("-")
+            problem = about_option.group(2)
+            return f"{key}={problem}" if problem.startswith(("'", '"')) else f"{key}: {problem} (see --help)"
         if not message.startswith(UNRECOGNIZED):
             return f"{message} (see --help)"
         given = message[len(UNRECOGNIZED):]
@@ -68,18 +82,54 @@ def add_run_arguments(parser: argparse._ActionsContainer, run_name: str | None =
     add_flag(parser, "run_name", default=run_name, help=run_name_help)
 
 
-def number_option(name: str, text: str | None, kind: type = int, default=None, minimum: float | None = None):
-    """A numeric command-line option. '' (what MLproject passes for an unset parameter) means
-    ``default``; integers are also accepted as "8.0", the form MLflow gives float-typed parameters."""
-    text = "" if text is None else str(text).strip()
-    if not text:
-        return default
+# --- option types: argparse `type=` converters ------------------------------------------------------
+# Each turns the text of one option into its value, or raises ArgumentTypeError with one line that
+# the parser prefixes with the option's name. '' (what MLproject passes for an unset parameter)
+# converts to None, and the parser then gives the option its default: defaults are written once,
+# as the option's `default=` (taken from the settings or function that uses it).
+
+def _finite(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and (kind is float or value.is_integer())
-            and (minimum is None or value >= minimum)):
-        expected = ("an integer" if kind is int else "a number") + ("" if minimum is None else f" >= {minimum}")
-        raise UserError(f"{name}={text!r} is not valid; expected {expected}")
-    return int(value) if kind is int else value
+        return None
+    return value if math.isfinite(value) else None
+
+
+def integer(minimum: int | None = None) -> Callable[[str], int | None]:
+    """An integer (also written "8.0", the form MLflow gives float-typed parameters), >= ``minimum``."""
+    expected = "an integer" + ("" if minimum is None else f" >= {minimum}")
+
+    def convert(text: str) -> int | None:
+        if not text.strip():
+            return None
+        value = _finite(text)
+        if value is None or not value.is_integer() or (minimum is not None and value < minimum):
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected {expected}")
+        return int(value)
+
+    return convert
+
+
+def number(minimum: float | None = None) -> Callable[[str], float | None]:
+    """A finite number >= ``minimum``."""
+    expected = "a number" + ("" if minimum is None else f" >= {minimum:g}")
+
+    def convert(text: str) -> float | None:
+        if not text.strip():
+            return None
+        value = _finite(text)
+        if value is None or (minimum is not None and value < minimum):
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected {expected}")
+        return value
+
+    return convert
+
+
+def boolean(text: str) -> bool | None:
+    """true or false (any case)."""
+    if not text.strip():
+        return None
+    if text.strip().lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected true or false")
+    return text.strip().lower() == "true"
