@@ -21,7 +21,7 @@ LAYERS = [
     ["pipelines.evaluation"],
     ["pipelines.recording"],
     ["search_spaces"],
-    ["pipelines.studies", "pipelines.reproduce", "pipelines.local_stack"],
+    ["pipelines.studies", "pipelines.reproduce", "pipelines.local_stack", "pipelines.server_process"],
     ["pipelines.entrypoints"],
     ["benchmarks"],
 ]

@@ -234,7 +234,7 @@ def test_a_tracking_server_lost_mid_trial_fails_the_trial_and_keeps_what_was_log
 
 
 def test_an_unreachable_tracking_server_stops_the_worker_before_any_trial(data_dir, tmp_path):
-    from pipelines.local_stack import free_port
+    from pipelines.server_process import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"

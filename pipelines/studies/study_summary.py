@@ -2,7 +2,6 @@
 best result (or the Pareto front), Optuna's plots, the registered best model and the run's note."""
 from __future__ import annotations
 
-import time
 import warnings
 from collections import Counter
 from typing import Callable, Sequence
@@ -11,7 +10,6 @@ import mlflow
 import optuna
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
 from pipelines.metrics import OBJECTIVES
@@ -21,7 +19,6 @@ from pipelines.studies.trial_runs import RUN_ID_ATTR
 from pipelines.tracking.runs import RunLogger
 
 BEST_ALIAS = "best"
-REGISTRATION_ATTEMPTS = 3  # a tracking server's registry may still race between workers
 
 
 def _plot_builders(study: optuna.Study, objectives: Sequence[str],
@@ -77,7 +74,9 @@ def register_best_model(client: MlflowClient, name: str, trial: FrozenTrial, stu
     """Register the trial's model under ``name`` and point the ``best`` alias at it.
 
     A model already registered under that name (a resumed study whose best did not change) is
-    not registered twice. Workers that finish together take turns.
+    not registered twice. Workers that finish together on a local store take turns (a file lock);
+    on a server, ``mlflow.register_model`` itself takes the registered model another worker just
+    created, and MLflow's HTTP client retries what fails in transit.
     """
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     model_uri = client.get_run(run_id).data.tags.get("model_uri") if run_id else None
@@ -85,14 +84,8 @@ def register_best_model(client: MlflowClient, name: str, trial: FrozenTrial, stu
         print(f"note: trial {trial.number} logged no model; nothing registered", flush=True)
         return None
     tags = {"study": study_name, "trial_number": str(trial.number), RUN_ID_ATTR: run_id}
-    for attempt in range(1, REGISTRATION_ATTEMPTS + 1):
-        try:
-            with local_stores_lock([mlflow.get_registry_uri()]):
-                return _register(client, name, model_uri, tags)
-        except MlflowException:
-            if attempt == REGISTRATION_ATTEMPTS:
-                raise
-            time.sleep(attempt)
+    with local_stores_lock([mlflow.get_registry_uri()]):
+        return _register(client, name, model_uri, tags)
 
 
 def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence[str], kind: str,
