@@ -122,9 +122,9 @@ def test_stale_runs_are_those_silent_longer_than_the_grace(store):
 def test_a_sigkilled_train_run_is_found_and_closed_killed(store):
     env = {**store.env, "CVAE_HEARTBEAT_INTERVAL_S": "1"}
     process = subprocess.Popen([sys.executable, "-m", TRAIN, *TINY_DATA, "--epochs", "200", "--patience", "0"],
-                               cwd=store.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               cwd=store.root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        for line in process.stdout:
+        for line in process.stderr:  # the log
             if line.startswith("epoch 1:"):
                 break
         alive = store.cli(STALE, "--grace", "60")

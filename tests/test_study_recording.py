@@ -129,7 +129,7 @@ def test_trial_artifacts_all_records_everything_for_every_trial(store):
 def test_workers_started_by_one_command_share_the_cpu_and_never_repeat_a_trial(store):
     study, runs, parents, done = run_study(store, "pool", "--workers", "2", "--n-trials", "4", "--pruner", "none",
                                            "--register-as", "none")
-    assert "worker 0:" in done.stdout and "worker 1:" in done.stdout
+    assert "worker 0:" in done.stderr and "worker 1:" in done.stderr  # the log
     assert len(parents) == 1, "the workers report to the one parent run of the command"
     (parent,) = parents
     trials = study.trials

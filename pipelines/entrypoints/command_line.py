@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import math
 import re
 from typing import Callable, Sequence
 
 from pipelines.config_cli import flag_names
+from pipelines.entrypoints.logs import set_level
 from pipelines.entrypoints.under_mlflow_run import option_label
 from pipelines.errors import UserError
 
@@ -34,13 +36,25 @@ def closest_option(name: str, known: Sequence[str]) -> str | None:
 class CommandParser(argparse.ArgumentParser):
     """argparse's parser whose usage errors are a ``UserError`` of one line (so the entry point
     reports it as such, and a run `mlflow run` made ends FAILED with it), not a page of usage text.
-    An unknown option is named with the closest known one; an option given as '' takes its default."""
+    An unknown option is named with the closest known one; an option given as '' takes its default.
+    Every command gets ``--quiet`` and ``--verbose``, applied to the log as soon as they are parsed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, says in (("quiet", "show only warnings and errors, also Optuna's and MLflow's"),
+                           ("verbose", "also show debug messages")):
+            self.add_argument(f"-{name[0]}", f"--{name}", nargs="?", type=boolean, const="true", default=False,
+                              metavar="true|false", help=says)
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, rest = super().parse_known_args(args, namespace)
         for action in self._actions:
             if action.default not in (None, argparse.SUPPRESS) and getattr(namespace, action.dest, "") in (None, ""):
                 setattr(namespace, action.dest, action.default)
+        if namespace.quiet and namespace.verbose:
+            self.error("--quiet and --verbose together: give one")
+        if namespace.quiet or namespace.verbose:
+            set_level(logging.WARNING if namespace.quiet else logging.DEBUG)
         return namespace, rest
 
     def error(self, message: str):

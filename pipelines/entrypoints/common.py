@@ -1,4 +1,6 @@
-"""The process of every entry point: one-line errors with their exit codes, signals, no run left RUNNING."""
+"""The process of every entry point: its log, one-line errors with their exit codes, signals, no run
+left RUNNING. The final ``error:`` line is printed, not logged: it shows even under ``--quiet``, and
+the signal handler prints because logging is not safe inside one."""
 from __future__ import annotations
 
 import os
@@ -7,6 +9,7 @@ import sys
 from typing import Callable, Sequence
 
 from pipelines.entrypoints import under_mlflow_run
+from pipelines.entrypoints.logs import configure_logging
 from pipelines.errors import RunFailedError, UserError
 
 EXIT_FAILURE = 1
@@ -76,6 +79,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     """The process of an entry point: tracking, signals, ``main``, and its exit code."""
     from pipelines.tracking.runs import configure_tracking
 
+    configure_logging()
     configure_tracking()
     # Schedulers (SLURM, Kubernetes) and `mlflow run`'s cancellation stop processes with SIGTERM:
     # treat it as Ctrl-C so runs end KILLED and trials FAIL instead of staying RUNNING.

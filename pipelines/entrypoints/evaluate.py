@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  data_dir=args.data_dir, images_per_pass=args.images_per_pass, seed=args.seed,
                                  classifier_train_size=args.classifier_train_size,
                                  classifier_epochs=args.classifier_epochs)
-    print(summary_line(logger.run_id, resolved.model_uri, metrics), flush=True)
+    print(summary_line(logger.run_id, resolved.model_uri, metrics))
     return 0
 
 

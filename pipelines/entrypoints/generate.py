@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(grid, output)
     print(f"generate run {logger.run_id}: {len(rows)} x {n} grid ({'; '.join(rows)}) from {resolved.model_uri} "
-          f"-> {GRID_ARTIFACT}" + (f" and {args.output}" if args.output else ""), flush=True)
+          f"-> {GRID_ARTIFACT}" + (f" and {args.output}" if args.output else ""))
     return 0
 
 

@@ -5,6 +5,7 @@ configuration for every trial; the search space overrides the rest.
 """
 from __future__ import annotations
 
+import logging
 import argparse
 import sys
 from typing import Sequence
@@ -20,6 +21,8 @@ from pipelines.studies.tune import prepare_study, run_study
 from pipelines.studies.workers import (STOP_AT_TRIALS_FLAG, WORKER_INDEX_FLAG, WORKER_OF_FLAG, coordinate_workers,
                                       run_as_worker)
 from search_spaces import resolve_space, space_names
+
+log = logging.getLogger(__name__)
 
 NO_REGISTRATION = "none"
 DEFAULTS = StudySettings()  # the only place the study's defaults are written
@@ -110,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_as_worker(study, settings, space, base, args.worker_of, args.worker_index, args.stop_at_trials)
         return 0
     with entry_point_run(args.experiment, args.run_name or settings.name, tags={"study": settings.name}) as parent:
-        print(f"study {settings.name!r}: {len(study.trials)} trials so far; parent run {parent.run_id}", flush=True)
+        log.info(f"study {settings.name!r}: {len(study.trials)} trials so far; parent run {parent.run_id}")
         if settings.workers == 1:
             run_study(study, settings, space, base, parent)
             return 0

@@ -19,6 +19,7 @@ active units, KL per dimension, collapse, and the sample accuracy of one batch o
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import math
@@ -36,6 +37,8 @@ from pipelines.training.execution import seed_everything
 from pipelines.models.model_resolution import ResolvedModel, load_cvae
 from pipelines.tracking.runs import RunLogger
 from pipelines.training.train import evaluate_split
+
+log = logging.getLogger(__name__)
 
 DEFAULT_IWAE_K = 1000
 # A few seconds for the default MLP on the 10k test images on two CPU cores (2-7 s measured on a busy machine).
@@ -59,7 +62,7 @@ def posterior_collapse(active: int, kl_nats: float) -> bool:
 
 
 def collapse_warning(active: int, kl_nats: float) -> str:
-    return (f"warning: posterior collapse: {active} active latent units, KL {kl_nats:.3g} nats per example "
+    return (f"posterior collapse: {active} active latent units, KL {kl_nats:.3g} nats per example "
             f"(rule: 0 active units or KL < {COLLAPSE_KL_NATS} nats); the decoder ignores z")
 
 
@@ -122,12 +125,12 @@ def likelihood_metrics(model: CVAE, split: SplitData, batcher: Batcher, k: int, 
 
 
 def report_collapse(logger: RunLogger | None, details: dict) -> bool:
-    """Tag the run ``posterior_collapse=true|false`` and print a one-line warning when collapsed."""
+    """Tag the run ``posterior_collapse=true|false`` and log a one-line warning when collapsed."""
     collapsed = bool(details["posterior_collapse"])
     if logger:
         logger.set_tags({COLLAPSE_TAG: str(collapsed).lower()})
     if collapsed:
-        print(collapse_warning(details["active_units"], details["kl"]), flush=True)
+        log.warning(collapse_warning(details["active_units"], details["kl"]))
     return collapsed
 
 

@@ -24,7 +24,7 @@ def build_pruner(settings: StudySettings, base: RunConfig) -> optuna.pruners.Bas
 def pruning_note(settings: StudySettings) -> str | None:
     """Why a pruner the user asked for is off, or None."""
     if settings.multi_objective and settings.pruner != "none":
-        return (f"note: pruner {settings.pruner!r} is off: a multi-objective study cannot prune "
+        return (f"pruner {settings.pruner!r} is off: a multi-objective study cannot prune "
                 "(Optuna reports intermediate values for one objective only)")
     return None
 

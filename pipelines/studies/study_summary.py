@@ -2,6 +2,7 @@
 best result (or the Pareto front), Optuna's plots, the registered best model and the run's note."""
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import Counter
 from typing import Callable, Sequence
@@ -17,6 +18,8 @@ from pipelines.studies.storage import local_stores_lock
 from pipelines.studies.study_description import describe_study
 from pipelines.studies.trial_runs import RUN_ID_ATTR
 from pipelines.tracking.runs import RunLogger
+
+log = logging.getLogger(__name__)
 
 BEST_ALIAS = "best"
 
@@ -58,7 +61,7 @@ def log_study_plots(study: optuna.Study, logger: RunLogger, objectives: Sequence
             logger.client.log_figure(logger.run_id, figure, path)
             logged.append(path)
         except (ValueError, RuntimeError, ZeroDivisionError) as error:
-            print(f"note: skipped {path}: {error}", flush=True)
+            log.warning(f"skipped {path}: {error}")
     return logged
 
 
@@ -81,7 +84,7 @@ def register_best_model(client: MlflowClient, name: str, trial: FrozenTrial, stu
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     model_uri = client.get_run(run_id).data.tags.get("model_uri") if run_id else None
     if not model_uri:
-        print(f"note: trial {trial.number} logged no model; nothing registered", flush=True)
+        log.warning(f"trial {trial.number} logged no model; nothing registered")
         return None
     tags = {"study": study_name, "trial_number": str(trial.number), RUN_ID_ATTR: run_id}
     with local_stores_lock([mlflow.get_registry_uri()]):
@@ -104,7 +107,7 @@ def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence
     logger.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
-        print("note: no trial completed yet; no best trial, plots or model", flush=True)
+        log.warning("no trial completed yet; no best trial, plots or model")
         describe_study(logger, study.study_name, objectives, kind, trials, chosen)
         return
 
@@ -113,8 +116,8 @@ def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence
         logger.log_metrics({"best_value": best.value}, step=0)
         logger.log_params({f"best.{k}": v for k, v in best.params.items()})
         logger.set_tags({"best_trial_number": best.number, "best_run_id": best.user_attrs.get(RUN_ID_ATTR, "")})
-        print(f"best trial {best.number}: {objectives[0]} {best.value:.4f} "
-              f"({OBJECTIVES[objectives[0]].describe(kind)})  {best.params}", flush=True)
+        log.info(f"best trial {best.number}: {objectives[0]} {best.value:.4f} "
+                 f"({OBJECTIVES[objectives[0]].describe(kind)})  {best.params}")
     else:
         front = sorted(chosen, key=lambda t: t.number)
         table = study.trials_dataframe()
@@ -122,14 +125,14 @@ def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence
                         "pareto_front.csv")
         logger.log_metrics({"pareto_front_size": len(front)}, step=0)
         logger.set_tags({"pareto_trial_numbers": ",".join(str(t.number) for t in front)})
-        print(f"Pareto front ({', '.join(objectives)}): "
-              + "; ".join(f"trial {t.number} {tuple(round(v, 4) for v in t.values)}" for t in front), flush=True)
+        log.info(f"Pareto front ({', '.join(objectives)}): "
+                 + "; ".join(f"trial {t.number} {tuple(round(v, 4) for v in t.values)}" for t in front))
 
     log_study_plots(study, logger, objectives, len(complete))
 
     if len(objectives) > 1:
-        print("note: a multi-objective study has no single best model; pick one from the Pareto front "
-              "(pareto_front.csv) and register it with `mlflow.register_model`", flush=True)
+        log.info("a multi-objective study has no single best model; pick one from the Pareto front "
+                 "(pareto_front.csv) and register it with `mlflow.register_model`")
         describe_study(logger, study.study_name, objectives, kind, trials, chosen)
         return
     if register_as:
@@ -137,5 +140,5 @@ def summarise_study(study: optuna.Study, logger: RunLogger, objectives: Sequence
         if version is not None:
             logger.set_tags({"registered_model": f"models:/{register_as}@{BEST_ALIAS}",
                              "registered_model_version": version.version})
-            print(f"registered models:/{register_as}@{BEST_ALIAS} (version {version.version})", flush=True)
+            log.info(f"registered models:/{register_as}@{BEST_ALIAS} (version {version.version})")
     describe_study(logger, study.study_name, objectives, kind, trials, chosen)

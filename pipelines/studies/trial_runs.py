@@ -7,6 +7,7 @@ A trial keeps its run's id (``RUN_ID_ATTR``) and its parent's (``PARENT_RUN_ID_A
 """
 from __future__ import annotations
 
+import logging
 import contextlib
 from typing import Iterator
 
@@ -17,6 +18,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipelines.tracking.liveness import heartbeat
 from pipelines.tracking.runs import RunLogger, end_run_for, start_run
+
+log = logging.getLogger(__name__)
 
 RUN_ID_ATTR = "mlflow_run_id"
 PARENT_RUN_ID_ATTR = "mlflow_parent_run_id"
@@ -64,7 +67,7 @@ def close_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna failed ``trial`` because its worker stopped sending heartbeats: that worker is gone,
     so its child run and its parent run end KILLED here, by the worker that noticed."""
     reason = "the worker running this trial stopped sending heartbeats (killed or lost)"
-    print(f"note: trial {trial.number} failed: {reason}", flush=True)
+    log.warning(f"trial {trial.number} failed: {reason}")
     client = MlflowClient()
     try:
         for attr in (RUN_ID_ATTR, PARENT_RUN_ID_ATTR):
@@ -75,4 +78,4 @@ def close_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
                     client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
                 client.set_terminated(run_id, "KILLED")
     except MlflowException as error:  # the study goes on; the runs stay RUNNING in the UI until closed
-        print(f"note: could not close trial {trial.number}'s MLflow runs: {error}", flush=True)
+        log.warning(f"could not close trial {trial.number}'s MLflow runs: {error}")

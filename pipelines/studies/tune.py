@@ -8,6 +8,7 @@ and ``study_summary``.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import TYPE_CHECKING, Callable
 
@@ -30,6 +31,8 @@ from pipelines.studies.study_summary import summarise_study
 from pipelines.studies.trial_runs import close_abandoned_trial, close_stale_trial
 from pipelines.tracking.runs import RunLogger, require_tracking_server, resolve_experiment_id
 from pipelines.training.execution import resolve_device
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # search spaces build on this layer; only their type is named here
     from search_spaces import SearchSpace
@@ -103,14 +106,14 @@ def run_and_conclude(study: optuna.Study, settings: StudySettings, base: RunConf
     workers'), then conclude the study; after Ctrl-C too, on the trials so far, before it propagates."""
     note = pruning_note(settings)
     if note:
-        print(note, flush=True)
+        log.warning(note)
     parent.log_params({**study_params(settings), **{f"base.{k}": v for k, v in flatten(base).items()}})
     # Every trial keeps the study's likelihood (the spaces leave it alone): what its values are.
     parent.set_tags({LIKELIHOOD_KIND_TAG: run_likelihood_kind(base)})
     try:
         splits = run()
     except KeyboardInterrupt:
-        print("interrupted: the running trials are marked failed; summarising the study so far", flush=True)
+        log.warning("interrupted: the running trials are marked failed; summarising the study so far")
         conclude_study(study, settings, base, parent, None)
         raise
     conclude_study(study, settings, base, parent, splits)

@@ -11,6 +11,7 @@ process opens the parent run, waits, and concludes the study once.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +26,8 @@ from pipelines.config import RunConfig
 from pipelines.studies.settings import StudySettings, trials_to_run
 from pipelines.studies.tune import run_and_conclude, run_trials
 from pipelines.tracking.runs import RunLogger
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # search spaces build on this layer; only their type is named here
     from search_spaces import SearchSpace
@@ -79,8 +82,8 @@ def run_workers(argv: Sequence[str], plans: Sequence[WorkerPlan], parent_run_id:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # that run is the parent's
     processes = []
     for plan in plans:
-        print(f"worker {plan.index}: on {plan.device or 'the study device'}"
-              + (f", {plan.threads} CPU threads" if plan.threads else ""), flush=True)
+        log.info(f"worker {plan.index}: on {plan.device or 'the study device'}"
+                 + (f", {plan.threads} CPU threads" if plan.threads else ""))
         processes.append(subprocess.Popen(worker_command(argv, plan, parent_run_id, stop_at_trials), env=env))
     try:
         return [process.wait() for process in processes]
@@ -121,7 +124,7 @@ def run_as_worker(study: optuna.Study, settings: StudySettings, space: SearchSpa
                   parent_run_id: str, index: int, stop_at_trials: int | None) -> None:
     """One of the processes `--workers N` started: run trials under the shared parent run until the
     study holds ``stop_at_trials`` trials; the coordinating process concludes the study."""
-    print(f"worker {index}: study {settings.name!r}, trials until the study holds "
-          f"{stop_at_trials or 'the timeout'}", flush=True)
+    log.info(f"worker {index}: study {settings.name!r}, trials until the study holds "
+             f"{stop_at_trials or 'the timeout'}")
     run_trials(study, settings, space, base, RunLogger(parent_run_id), settings.n_trials,
                stop_at_trials=stop_at_trials)
