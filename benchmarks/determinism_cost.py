@@ -9,10 +9,12 @@ ratio. On a GPU this is the figure to quote for the speed cost of deterministic 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 
 from pipelines.config import RunConfig, with_overrides
 from pipelines.data import load_splits
+from pipelines.entrypoints.logs import configure_logging
 from pipelines.training.execution import resolve_device
 from pipelines.training.train import train
 
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other configuration override, e.g. --set model.arch=conv")
     args = parser.parse_args()
+    configure_logging(logging.WARNING)  # the harness's warnings; what is measured is printed
 
     overrides = {"data.dataset": args.dataset, "execution.device": args.device,
                  "data.limit_train": args.limit_train, "optim.epochs": args.epochs, "optim.patience": 0,

@@ -26,11 +26,12 @@ PRESETS = ("conv-decoder-cond", "conv-decoder-cond-fixed", "mlp-concat", "mlp-co
            "conv-label-channel-fixed", "mlp-vae", "conv-vae")
 
 
-def run(module: str, *args: str) -> str:
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
+    """A command's output (stdout) and its log (stderr)."""
     done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{module} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
+    return done
 
 
 def main() -> None:
@@ -52,14 +53,14 @@ def main() -> None:
                       "--epochs", args.epochs, "--limit-train", args.limit_train, "--limit-test", args.limit_test,
                       "--experiment", args.experiment, "--run-name", f"report-{preset}")
         train_seconds = time.perf_counter() - started
-        run_id = re.search(r"^run (\w+):", trained, re.M).group(1)
+        run_id = re.search(r"^run (\w+):", trained.stdout, re.M).group(1)
         started = time.perf_counter()
         evaluated = run("pipelines.entrypoints.evaluate", "--model-uri", run_id, "--k", args.k,
                         "--experiment", args.experiment)
-        metrics = dict(re.findall(r"(test/[\w/]+|classifier/\w+) (-?[\d.e+-]+|nan)", evaluated))
+        metrics = dict(re.findall(r"(test/[\w/]+|classifier/\w+) (-?[\d.e+-]+|nan)", evaluated.stdout))
         config = preset_config(preset)
         metrics["likelihood_kind"] = likelihood_kind(config.model.likelihood, config.data.binarize)
-        if "warning: posterior collapse" in evaluated:
+        if "warning: posterior collapse" in evaluated.stderr:
             metrics["posterior_collapse"] = "true"
         rows.append((preset, metrics, train_seconds, time.perf_counter() - started))
         print(f"{preset}: train {train_seconds:.0f} s, evaluate {time.perf_counter() - started:.0f} s", flush=True)

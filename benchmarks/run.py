@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -315,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: loop (includes flops), recording, study, cuda")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    from pipelines.entrypoints.logs import configure_logging
+
+    configure_logging(logging.WARNING)  # the harness's warnings; what is measured is printed
     if not (DEBIAN_FASHION / f"{IDX_FILES[0]}.gz").is_file():
         sys.exit(f"error: the benchmark reads Fashion-MNIST from {DEBIAN_FASHION} "
                  "(apt-get install dataset-fashion-mnist)")

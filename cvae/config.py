@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from cvae.errors import UserError
 from cvae.registry import architecture_names
 
 CONDITIONINGS = ("concat", "channel", "decoder", "none")
@@ -30,7 +31,7 @@ def described(default, help: str, choices=None):
     return field(default=default, metadata=metadata)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field and what it accepts."""
 
 

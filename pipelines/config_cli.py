@@ -26,6 +26,13 @@ def flag_help(doc: FieldDoc) -> str:
     return text.replace("%", "%%")  # argparse formats help with %
 
 
+def flag_names(name: str) -> list[str]:
+    """``latent_dim`` -> ``--latent-dim`` and ``--latent_dim``: `mlflow run` passes ``-P latent_dim=2``
+    as ``--latent_dim 2``, while people type dashes."""
+    dashed = "--" + name.replace("_", "-")
+    return [dashed] + ([f"--{name}"] if "_" in name else [])
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field (``--latent-dim``, ``--latent_dim``), plus ``--preset`` and ``--set``.
 
@@ -39,9 +46,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         section, name = doc.key.split(".")
         group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
-        dashed = name.replace("_", "-")
-        flags = [f"--{dashed}"] + ([f"--{name}"] if dashed != name else [])
-        group.add_argument(*flags, dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="VALUE",
+        group.add_argument(*flag_names(name), dest=f"cfg__{name}", default=argparse.SUPPRESS, metavar="VALUE",
                            help=flag_help(doc))
     parser.add_argument("--set", dest="cfg_set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any field by dotted name, e.g. --set model.hidden=64,16,8")

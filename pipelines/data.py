@@ -24,6 +24,7 @@ import torch
 
 from cvae.config import ConfigError
 from pipelines.config import DataConfig
+from pipelines.errors import UserError
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -55,7 +56,7 @@ IDX_NAMES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
 _FILE_SALT = {"train": 0x2545F491, "test": 0x6A09E667}
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserError):
     """The dataset's files are not on disk and could not be downloaded."""
 
 

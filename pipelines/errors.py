@@ -1,6 +1,15 @@
-"""The error a user can fix, raised at any layer and shown by the entry points as one line."""
+"""The errors the entry points report in one line, whichever layer raises them.
+
+``UserError`` (from ``cvae.errors``, so that the model's ``ConfigError`` is one too): a problem the
+user can fix; exit code 2. ``RunFailedError``: a run failed for a reason it has already recorded
+(training diverged); exit code 1. Neither is shown with a traceback.
+"""
 from __future__ import annotations
 
+from cvae.errors import UserError
 
-class UserError(RuntimeError):
-    """A problem the user can fix (bad argument, missing run or artifact); shown as one line."""
+__all__ = ["RunFailedError", "UserError"]
+
+
+class RunFailedError(RuntimeError):
+    """The run failed for a reason it recorded (its status FAILED, its ``error`` tag); shown as one line."""

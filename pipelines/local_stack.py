@@ -21,17 +21,14 @@ import json
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from pipelines.server_process import free_port, start_server, stop_process_group
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"  # where Debian's postgresql-NN packages put initdb and pg_ctl
 PG_SUPERUSER = "postgres"
@@ -73,12 +70,6 @@ def missing_requirements() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @dataclass
 class LocalStack:
     """Where the running servers are, and what to hand to workers."""
@@ -107,10 +98,6 @@ class LocalStack:
     @property
     def tracking_uri(self) -> str:
         return f"http://127.0.0.1:{self.mlflow_port}"
-
-    @property
-    def server_log(self) -> Path:
-        return Path(self.root) / "mlflow-server.log"
 
 
 def _as_postgres(command: Sequence[str]) -> list[str]:
@@ -151,52 +138,14 @@ def _stop_postgres(root: Path, pg_bin: Path) -> None:
                        capture_output=True, timeout=120)
 
 
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def _start_mlflow_server(stack_root: Path, backend_uri: str, artifacts: Path, port: int | None = None) -> tuple[int, int]:
     port = port or free_port()
     artifacts.mkdir(exist_ok=True)
-    log = open(stack_root / "mlflow-server.log", "ab")
-    # Its own session, so that stopping it also stops the web server's worker processes.
-    server = subprocess.Popen(
+    server = start_server(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-         "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "2"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    log.close()
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while not _healthy(uri):
-        if server.poll() is not None or time.monotonic() > deadline:
-            _stop_process_group(server.pid)
-            tail = (stack_root / "mlflow-server.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"mlflow server did not become healthy at {uri}/health:\n{tail}")
-        time.sleep(0.5)
+         "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        f"http://127.0.0.1:{port}/health", stack_root / "mlflow-server.log", SERVER_START_TIMEOUT_S)
     return port, server.pid
-
-
-def _stop_process_group(pid: int, grace_s: float = 20) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reap it when it is our child, so it does not linger as a zombie
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
 
 
 def start_stack(root: Path | None = None) -> LocalStack:
@@ -222,7 +171,7 @@ def start_stack(root: Path | None = None) -> LocalStack:
 
 def stop_tracking_server(stack: LocalStack) -> None:
     """Stop only ``mlflow server`` (as a crash or a restart would); PostgreSQL keeps what it recorded."""
-    _stop_process_group(stack.mlflow_pid)
+    stop_process_group(stack.mlflow_pid)
 
 
 def start_tracking_server(stack: LocalStack) -> None:
@@ -234,7 +183,7 @@ def start_tracking_server(stack: LocalStack) -> None:
 def stop_stack(stack: LocalStack, keep_files: bool = False) -> None:
     """Stop the tracking server, then PostgreSQL; remove the directory unless ``keep_files``."""
     try:
-        _stop_process_group(stack.mlflow_pid)
+        stop_process_group(stack.mlflow_pid)
     finally:
         _stop_postgres(Path(stack.root), Path(stack.pg_bin))
         if not keep_files:

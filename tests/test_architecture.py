@@ -1,6 +1,7 @@
 """The layering ARCHITECTURE.md describes, checked on the source: imports go downwards only.
 
-Imports inside ``if TYPE_CHECKING:`` blocks only name types and are not counted.
+Every import counts, those inside ``if TYPE_CHECKING:`` and inside functions too: a module that
+names a type of a higher layer depends on it as much as one that imports it at run time.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from conftest import REPO
 # Lowest first: a layer may import the layers before it, never one after it.
 LAYERS = [
     ["cvae"],
-    ["pipelines.errors", "pipelines.config", "pipelines.presets", "pipelines.config_cli", "pipelines.config_docs",
+    ["pipelines.errors", "pipelines.config", "pipelines.metrics", "pipelines.presets", "pipelines.config_cli",
+     "pipelines.config_docs",
      "pipelines.data"],
     ["pipelines.tracking"],
     ["pipelines.training"],
@@ -20,7 +22,7 @@ LAYERS = [
     ["pipelines.evaluation"],
     ["pipelines.recording"],
     ["search_spaces"],
-    ["pipelines.studies", "pipelines.reproduce", "pipelines.local_stack"],
+    ["pipelines.studies", "pipelines.reproduce", "pipelines.local_stack", "pipelines.server_process"],
     ["pipelines.entrypoints"],
     ["benchmarks"],
 ]
@@ -32,14 +34,8 @@ def module_name(path: Path) -> str:
 
 
 def imported_names(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    type_only = {id(node) for block in ast.walk(tree)
-                 if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-                 for node in ast.walk(block)}
     names = set()
-    for node in ast.walk(tree):
-        if id(node) in type_only:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -84,3 +80,11 @@ def test_the_model_core_is_pure_pytorch():
     leaks = [f"{name} imports {i}" for name, path in SOURCES.items() if name.startswith("cvae")
              for i in imported_names(path) if i.split(".")[0] in OUTSIDE_THE_MODEL]
     assert not leaks, leaks
+
+
+def test_a_type_named_only_for_the_checker_counts_as_an_import(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                     "    from pipelines.training.train import TrainResult\n")
+    assert "pipelines.training.train" in {name for name in imported_names(probe) if name in SOURCES}
+    assert layer_of("pipelines.training.train") > layer_of("pipelines.tracking.runs")  # so tracking/ may not

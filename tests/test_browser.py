@@ -5,19 +5,14 @@ Debian's chromium, headless, driven by Playwright's Python package (never a down
 Screenshots go to test-output/browser/ (ignored by git).
 """
 import contextlib
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import EXPERIMENT, REPO, TINY_DATA, make_store
+from conftest import REPO, TINY_DATA, make_store
+from pipelines.server_process import free_port, serving
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -38,42 +33,6 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: apt-get install chromium "
                                                                  "(.ci/run does)")]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements.txt pins it)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(command: list[str], ready_url: str, env: dict, log: Path):
-    """Start a server in its own process group, wait until ``ready_url`` answers, stop it after."""
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + SERVER_START_S
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"{command[0]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(ready_url, timeout=5) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{ready_url} did not answer within {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
-                time.sleep(1)
-            yield
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)  # the group we started: `mlflow ui` and its workers
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +61,7 @@ def mlflow_ui(browsed):
     env = {**browsed.store.env, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", browsed.store.uri,
                "--host", "127.0.0.1", "--port", str(port)]
-    with serving(command, f"http://127.0.0.1:{port}/health", env, browsed.store.root / "mlflow-ui.log"):
+    with serving(command, f"http://127.0.0.1:{port}/health", browsed.store.root / "mlflow-ui.log", SERVER_START_S, env):
         yield f"http://127.0.0.1:{port}"
 
 
@@ -111,8 +70,8 @@ def dashboard(browsed):
     port = free_port()
     executable = Path(sys.executable).parent / "optuna-dashboard"
     command = [str(executable), browsed.storage, "--host", "127.0.0.1", "--port", str(port)]
-    with serving(command, f"http://127.0.0.1:{port}/dashboard/", browsed.store.env,
-                 browsed.store.root / "optuna-dashboard.log"):
+    with serving(command, f"http://127.0.0.1:{port}/dashboard/", browsed.store.root / "optuna-dashboard.log",
+                 SERVER_START_S, browsed.store.env):
         yield f"http://127.0.0.1:{port}"
 
 

@@ -79,15 +79,18 @@ def test_mlproject_train_parameters_are_configuration_fields():
             assert "{" + name + "}" in spec["command"], f"{entry}: {name} is not passed to the command"
 
 
-def test_numeric_options_accept_mlflow_floats_and_name_the_parameter():
-    from pipelines.entrypoints.common import number_option
+def test_numeric_options_accept_mlflow_floats_take_their_default_when_empty_and_name_the_parameter():
+    from pipelines.entrypoints.command_line import CommandParser, add_flag, integer, number
     from pipelines.errors import UserError
 
-    assert number_option("n", "", int, 8) == 8 and number_option("n", "16.0", int) == 16
-    assert number_option("tolerance", "0.5", float, None, minimum=0) == 0.5
+    parser = CommandParser(prog="test")
+    add_flag(parser, "n", type=integer(0), default=8)
+    add_flag(parser, "tolerance", type=number(0), default=None)
+    assert parser.parse_args([]).n == 8 and parser.parse_args(["--n", ""]).n == 8  # '': MLproject's "not given"
+    assert parser.parse_args(["--n", "16.0"]).n == 16 and parser.parse_args(["--tolerance", "0.5"]).tolerance == 0.5
     for bad in ("abc", "-1", "nan", "inf", "2.5"):
-        with pytest.raises(UserError, match=rf"n={bad!r} is not valid; expected an integer >= 0"):
-            number_option("n", bad, int, None, minimum=0)
+        with pytest.raises(UserError, match=rf"^n={bad!r} is not valid; expected an integer >= 0$"):
+            parser.parse_args(["--n", bad])
 
 
 FLOAT_FIELDS = sorted(name for name, (_, _, typ) in field_index().items() if typ is float)

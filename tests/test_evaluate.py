@@ -228,7 +228,7 @@ def test_evaluate_with_a_bad_model_uri_fails_in_one_line_without_a_run(condition
 ])
 def test_posterior_collapse_rule(active, kl, collapsed):
     assert posterior_collapse(active, kl) is collapsed
-    assert ("0 active" in collapse_warning(0, kl)) and collapse_warning(active, kl).startswith("warning: posterior collapse")
+    assert ("0 active" in collapse_warning(0, kl)) and collapse_warning(active, kl).startswith("posterior collapse")
     assert len(collapse_warning(active, kl).splitlines()) == 1
 
 
@@ -242,3 +242,35 @@ def test_bits_per_dim_only_for_exact_likelihoods_and_nll_names_only_for_them():
     assert with_bits_per_dim(nats, "continuous-density", (1, 28, 28)) == nats
     assert iwae_metric("exact-binary", 10) == "test/iwae_nll_k10"
     assert iwae_metric("cross-entropy", 10) == iwae_metric("continuous-density", 10) == "test/iwae_bound_k10"
+
+
+COLLAPSED = {"posterior_collapse": True, "active_units": 0, "kl": 0.01}
+
+
+def test_the_harness_logs_where_a_library_user_sends_it():
+    import logging
+
+    from pipelines.evaluation.evaluate import report_collapse
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    harness = logging.getLogger("pipelines")
+    harness.addHandler(handler)
+    try:
+        report_collapse(None, COLLAPSED)
+    finally:
+        harness.removeHandler(handler)
+    assert [(r.levelname, r.getMessage()) for r in records] == [("WARNING", collapse_warning(0, 0.01))]
+
+
+def test_as_a_library_the_harness_prints_nothing_by_itself():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", "from pipelines.evaluation.evaluate import report_collapse; "
+                           f"report_collapse(None, {COLLAPSED!r})"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and (done.stdout, done.stderr) == ("", ""), done.stderr[-2000:]

@@ -259,7 +259,7 @@ def test_ctrl_c_to_the_mlflow_run_process_group_ends_the_run_killed(store):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode != 0, rest[-2000:]
     # `mlflow run` itself marks the run FAILED as it exits (an MLflow bug, see
-    # pipelines.tracking.liveness.keep_status_after); a detached helper puts KILLED back right after.
+    # pipelines.entrypoints.under_mlflow_run); a detached helper puts KILLED back right after.
     deadline = time.monotonic() + 120
     while (run := store.runs()[0]).info.status != "KILLED" and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +15,7 @@ from PIL import Image
 
 from pipelines.entrypoints.generate import GRID_ARTIFACT, GRID_PADDING
 from pipelines.models.generator_model import DEFAULT_MAX_ROWS, GenerationRequestError, GeneratorModel, generator_spec
+from pipelines.server_process import free_port, serving
 from conftest import SHARED_RUN_LATENT_DIM, assert_no_running
 
 LATENT_DIM = SHARED_RUN_LATENT_DIM
@@ -62,12 +58,6 @@ def test_generate_rejects_a_label_outside_the_classes_in_one_line(conditional_ru
     assert_no_running(conditional_run.store)
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
@@ -78,36 +68,17 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def _wait_until_serving(url: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVE_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow models serve did not answer /ping in {SERVE_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_labels_with_images(conditional_run, tmp_path):
     import mlflow.pytorch
 
     generator_uri = conditional_run.run.data.tags["generator_model_uri"]
-    port = _free_loopback_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
-    with open(log, "w") as log_file:
-        # Its own session, so the uvicorn worker it starts goes down with it.
-        server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", generator_uri,
-                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                  cwd=conditional_run.store.root, env=conditional_run.store.env, stdout=log_file,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_until_serving(url, server, log)
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", generator_uri, "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port)]
+    with serving(command, f"{url}/ping", tmp_path / "serve.log", SERVE_START_TIMEOUT_S,
+                 conditional_run.store.env, conditional_run.store.root):
         status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 3}, {"label": 9}]})
         assert status == 200, body
         images = np.asarray(body["predictions"], dtype=np.float64)
@@ -141,13 +112,6 @@ def test_mlflow_models_serve_answers_labels_with_images(conditional_run, tmp_pat
                                   f"{DEFAULT_MAX_ROWS} rows per request") in body["message"], body
         status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 1, "z": [0.0]}]})
         assert status == 400 and f"expected {LATENT_DIM} finite floats" in body["message"], body
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.mark.parametrize("output, reason", [

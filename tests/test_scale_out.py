@@ -26,7 +26,7 @@ from conftest import REPO, wait_until_a_trial_is_stale
 TUNE = "pipelines.entrypoints.tune"
 PARENT_TAG = "mlflow.parentRunId"
 EPOCHS = 2
-OBJECTIVE_METRIC = "val/neg_elbo"  # what the default objective (nll) reports to Optuna every epoch
+OBJECTIVE_METRIC = "val/neg_elbo"  # what the default objective (neg_elbo) reports to Optuna every epoch
 HEARTBEAT_GRACE_S = 4
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WORKER_ARGS = ["--space", "smoke", "--device", "cpu", "--threads", "1", "--dataset", "fashion-mnist",
@@ -95,9 +95,9 @@ def lost_or_duplicated(client: MlflowClient, trials, children) -> list[str]:
         if trial.state == TrialState.COMPLETE:
             if sorted(logged) != list(range(1, EPOCHS + 1)):
                 problems.append(f"trial {trial.number}: epochs {sorted(logged)} logged, not 1..{EPOCHS}")
-            objective = run.data.metrics.get("objective/nll")
+            objective = run.data.metrics.get("objective/neg_elbo")
             if objective is None or not math.isclose(objective, trial.value, rel_tol=1e-9):
-                problems.append(f"trial {trial.number}: value {trial.value}, run's objective/nll {objective}")
+                problems.append(f"trial {trial.number}: value {trial.value}, run's objective/neg_elbo {objective}")
     return problems
 
 
@@ -233,7 +233,7 @@ def test_a_tracking_server_lost_mid_trial_fails_the_trial_and_keeps_what_was_log
 
 
 def test_an_unreachable_tracking_server_stops_the_worker_before_any_trial(data_dir, tmp_path):
-    from pipelines.local_stack import free_port
+    from pipelines.server_process import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -246,7 +246,7 @@ def test_an_unreachable_tracking_server_stops_the_worker_before_any_trial(data_d
     assert done.returncode != 0
     last_line = done.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"error: MLFLOW_TRACKING_URI={uri} is not valid; "), done.stderr[-3000:]
-    assert "Traceback" not in done.stderr and "epoch 1:" not in done.stdout
+    assert "Traceback" not in done.stderr and "epoch 1:" not in done.stderr
     if "offline" in optuna.get_all_study_names(storage):
         assert optuna.load_study(study_name="offline", storage=storage).trials == []
 
@@ -254,7 +254,8 @@ def test_an_unreachable_tracking_server_stops_the_worker_before_any_trial(data_d
 def test_a_missing_postgresql_driver_names_the_package_to_install(tmp_path, monkeypatch):
     from cvae.config import ConfigError
     from pipelines.config import RunConfig
-    from pipelines.studies.tune import StudySettings, prepare_study
+    from pipelines.studies.settings import StudySettings
+    from pipelines.studies.tune import prepare_study
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{tmp_path / 'mlflow.db'}")

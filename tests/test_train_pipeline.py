@@ -113,10 +113,10 @@ def test_bad_input_exits_2_with_one_line_and_no_run(store, tmp_path, args, messa
 def test_ctrl_c_or_sigterm_ends_the_run_killed_with_what_it_logged(store, stop_signal):
     process = subprocess.Popen(
         [sys.executable, "-m", "pipelines.entrypoints.train", *TINY_DATA, "--epochs", "200", "--patience", "0"],
-        cwd=store.root, env=store.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=store.root, env=store.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        for line in process.stdout:
+        for line in process.stderr:  # the log
             if line.startswith("epoch 2:") or time.time() > deadline:
                 break
         process.send_signal(stop_signal)
@@ -240,3 +240,13 @@ def test_a_loss_with_free_bits_does_not_depend_on_the_evaluation_batch_size(earl
     assert in_batches == pytest.approx(at_once, rel=1e-6)
     unclamped = evaluate_split(result.model, val, result.batcher, early_stopped["config"], result.device)
     assert in_batches["loss"] > unclamped["loss"]  # the clamp is in the number
+@pytest.mark.slow
+def test_the_log_goes_to_stderr_and_quiet_keeps_the_output_alone(store):
+    done = store.cli("pipelines.entrypoints.train", *TINY_DATA, "--epochs", "2", "--hidden", "32", "--latent-dim", "2",
+                     "--patience", "0", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = store.runs()
+    (summary,) = done.stdout.splitlines()  # the output: one summary line
+    assert summary.startswith(f"run {run.info.run_id}: best epoch")
+    assert "epoch 1:" not in done.stderr and "epoch 2:" not in done.stderr  # --quiet: no progress
+    assert len(store.client.get_metric_history(run.info.run_id, "val/loss")) == 2

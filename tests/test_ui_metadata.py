@@ -1,6 +1,7 @@
 """What the MLflow UI shows about runs: names, descriptions, datasets, source, experiment kind, params;
 and one-line errors for unknown parameters."""
 import argparse
+import re
 import sys
 
 import pytest
@@ -10,7 +11,8 @@ from conftest import EXPERIMENT, REPO, TINY_DATA, TINY_PARAMS, make_store
 
 from pipelines.config import RunConfig, field_index, with_overrides
 from pipelines.presets import preset_config
-from pipelines.tracking.run_description import run_description, run_name, study_description, trial_run_name
+from pipelines.recording.run_description import run_description, run_name, trial_run_name
+from pipelines.studies.study_description import study_description
 from pipelines.tracking.runs import EXPERIMENT_KIND_TAG, MACHINE_LEARNING_KIND
 
 NOTE = "mlflow.note.content"
@@ -47,28 +49,43 @@ def test_run_description_has_model_data_metrics_with_units_and_figure_links():
     assert text.startswith("**mlp z=2 β=1**: a conditional VAE")
     assert "fashion-mnist" in text and "1000 training / 300 validation / 500 test images" in text
     assert "3 of up to 3 epochs (best epoch 3)" in text
-    assert "| test negative ELBO (upper bound on −log p(x), nats per example) | 250.1 | `test/neg_elbo` |" in text
+    # Bernoulli on grey pixels (the default): a cross-entropy, and the page says so.
+    assert ("| test negative ELBO (bound on a Bernoulli cross-entropy of grey pixels, not −log p(x), nats per "
+            "example) | 250.1 | `test/neg_elbo` |") in text
     assert "`val/neg_elbo`" not in text  # the test set's number is shown; validation's would repeat it
     assert "[loss curves](#/experiments/1/runs/abc/artifacts/figures/loss_curves.png)" in text
     assert "![latent scatter test](get-artifact?path=x)" in text
 
 
+@pytest.mark.parametrize("binarize, iwae, bound", [
+    ("none", "test/iwae_bound_k10", "bound on a Bernoulli cross-entropy of grey pixels, not −log p(x)"),
+    ("static", "test/iwae_nll_k10", "upper bound on −log p(x)"),
+])
+def test_the_run_page_shows_the_iwae_the_run_logged_and_says_what_it_bounds(binarize, iwae, bound):
+    config = with_overrides(RunConfig(), {"binarize": binarize})
+    metrics = {"test/neg_elbo": 250.0, iwae: 245.0, f"{iwae}_bits_per_dim": 0.45, "test/kl": 10.0}
+    text = run_description(config, metrics, {})
+    assert f"| test IWAE, k=10 ({bound}, nats per example) | 245 | `{iwae}` |" in text
+    assert f"| test negative ELBO ({bound}, nats per example) | 250 | `test/neg_elbo` |" in text
+    assert "_bits_per_dim" not in text
+
+
 def test_study_description_links_the_best_trial_and_the_plots():
-    text = study_description("smoke", {"COMPLETE": 2, "PRUNED": 1}, ["nll"],
+    text = study_description("smoke", {"COMPLETE": 2, "PRUNED": 1}, ["neg_elbo"], "cross-entropy",
                              {"number": 1, "value": 280.5, "params": {"latent_dim": 8, "lr": 3e-4},
                               "name": "trial-1 · conv z=8 β=1", "link": "#/experiments/1/runs/r1"},
                              {"plots/slice.html": "#/experiments/1/runs/p/artifacts/plots/slice.html"},
                              registered="models:/smoke@best")
     assert "**Optuna study `smoke`**: 3 trials (2 complete, 1 pruned, 0 fail)" in text
-    assert "[trial-1 · conv z=8 β=1](#/experiments/1/runs/r1) with nll = 280.5 nats per example" in text
-    assert "(latent_dim=8, lr=3e-4)" in text
+    assert "[trial-1 · conv z=8 β=1](#/experiments/1/runs/r1) with neg_elbo = 280.5 (validation negative ELBO" in text
+    assert "bound on a Bernoulli cross-entropy of grey pixels, not −log p(x); nats per example), latent_dim=8, lr=3e-4." in text
     assert "`models:/smoke@best`" in text and "[slice](#/experiments/1/runs/p/artifacts/plots/slice.html)" in text
 
 
 # --- unknown parameters ----------------------------------------------------------------------------
 
 def test_closest_option_ignores_dash_or_underscore_and_keeps_the_users_spelling():
-    from pipelines.entrypoints.common import closest_option
+    from pipelines.entrypoints.command_line import closest_option
 
     known = ["--study", "--storage", "--latent-dim", "--latent_dim", "--n-trials", "--n_trials"]
     assert closest_option("--study_name", known) == "--study"
@@ -85,6 +102,9 @@ def test_closest_option_ignores_dash_or_underscore_and_keeps_the_users_spelling(
     ("pipelines.entrypoints.evaluate", [], "error: the following arguments are required: --model-uri (see --help)"),
     ("pipelines.entrypoints.generate", ["--model-uri", "m", "--labls", "1"],
      "error: unknown parameter --labls; did you mean --labels?"),
+    ("pipelines.entrypoints.reproduce", ["--run-id", "r", "--tolerence", "0"],
+     "error: unknown parameter --tolerence; did you mean --tolerance?"),
+    ("pipelines.entrypoints.stale_runs", ["--grace-s", "5"], "error: unknown parameter --grace-s; did you mean --grace?"),
 ])
 def test_a_usage_error_is_one_line_exit_2_and_no_run(store, module, args, line):
     done = store.cli(module, *args)
@@ -131,6 +151,20 @@ def test_mlproject_options_are_real_typed_options_of_their_commands():
         for name, parameter in spec["parameters"].items():
             assert "{" + name + "}" in spec["command"], f"{entry}: {name} is not passed to the command"
             assert parameter.get("default", "x") != "", f"{entry}: {name} would be logged as '' when unset"
+
+
+def test_defaults_mlproject_names_are_the_commands_own():
+    """MLproject repeats a few defaults for `mlflow run` users: each must be the command's."""
+    project = yaml.safe_load((REPO / "MLproject").read_text())
+    named = 0
+    for entry, spec in project["entry_points"].items():
+        parser = _parser_of(entry)
+        for name, option in spec.get("options", {}).items():
+            match = re.search(r"\(default (-?\d+(?:\.\d+)?)\)", option.get("help", ""))
+            if match:
+                named += 1
+                assert float(match.group(1)) == parser.get_default(name), f"{entry}: {name}"
+    assert named >= 10
 
 
 # --- what real runs record ----------------------------------------------------------------------

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from pipelines.config import ExecutionConfig
-from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
+from pipelines.entrypoints.command_line import CommandParser, add_run_arguments, integer
+from pipelines.entrypoints.common import run_main
 from pipelines.errors import UserError
 from pipelines.training.execution import resolve_device
 
@@ -56,23 +57,22 @@ def writable_output(text: str) -> Path | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.entrypoints.generate",
+    parser = CommandParser(prog="python -m pipelines.entrypoints.generate",
                                      description="Write a grid of generated images from a logged CVAE.")
     parser.add_argument("--model-uri", required=True,
                         help="models:/<model_id>, models:/NAME@alias, models:/NAME/<version>, or a run id")
     parser.add_argument("--labels", default="", help="comma-separated class ids, a row each (default: all classes)")
-    parser.add_argument("--n", default="8", help="samples per label (per row)")
-    parser.add_argument("--seed", default="0", help="seed of the latent draws")
+    parser.add_argument("--n", type=integer(1), default=8, help="samples per label (per row; default %(default)s)")
+    parser.add_argument("--seed", type=integer(0), default=0, help="seed of the latent draws (default %(default)s)")
     parser.add_argument("--output", default="", help="also write the PNG here")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default=ExecutionConfig.device, help="auto, cpu, cuda or cuda:N (default %(default)s)")
     add_run_arguments(parser, run_name="generate")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    n = number_option("n", args.n, int, 8, minimum=1)
-    seed = number_option("seed", args.seed, int, 0, minimum=0)
+    n, seed = args.n, args.seed
     output = writable_output(args.output)
     device = resolve_device(ExecutionConfig(device=args.device))
     import torch
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(grid, output)
     print(f"generate run {logger.run_id}: {len(rows)} x {n} grid ({'; '.join(rows)}) from {resolved.model_uri} "
-          f"-> {GRID_ARTIFACT}" + (f" and {args.output}" if args.output else ""), flush=True)
+          f"-> {GRID_ARTIFACT}" + (f" and {args.output}" if args.output else ""))
     return 0
 
 

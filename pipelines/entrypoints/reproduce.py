@@ -8,22 +8,23 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
+from pipelines.entrypoints.command_line import CommandParser, add_flag, add_run_arguments, number
+from pipelines.entrypoints.common import run_main
 
 EXIT_DIFFERS = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pipelines.entrypoints.reproduce",
         description="Re-run a logged training run (or study trial) from its manifest.json, in a new "
                     "MLflow run tagged reproduces=<id>, and compare metrics and weights with the original.")
     parser.add_argument("--run-id", required=True, help="id of the MLflow run to reproduce")
-    parser.add_argument("--tolerance", default="",
+    parser.add_argument("--tolerance", type=number(0), default=None,
                         help="relative tolerance on metrics and absolute tolerance on weights; empty: "
                              "0 (bitwise) for deterministic CPU runs, 1e-3 for deterministic GPU runs, "
                              "1e-2 for non-deterministic ones")
-    parser.add_argument("--data-dir", "--data_dir", default="",
+    add_flag(parser, "data_dir", default="",
                         help="where the dataset lies on this machine, if not where the original read it "
                              "(its checksums are still compared)")
     add_run_arguments(parser, experiment_help="MLflow experiment of the re-run (default: "
@@ -33,10 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tolerance = number_option("tolerance", args.tolerance, float, None, minimum=0)
     from pipelines.reproduce import AGREES, reproduce_run  # heavy imports once the input parses
 
-    report = reproduce_run(args.run_id, tolerance, args.experiment, args.run_name, args.data_dir or None)
+    report = reproduce_run(args.run_id, args.tolerance, args.experiment, args.run_name, args.data_dir or None)
     weights = report["weights"]
     print(f"reproduction of run {report['original_run_id']} by run {report['rerun_run_id']}: "
           f"{report['verdict'].upper()}")

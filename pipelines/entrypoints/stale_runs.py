@@ -19,7 +19,8 @@ from typing import Sequence
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
 from mlflow.utils import get_results_from_paginated_fn
 
-from pipelines.entrypoints.common import number_option, run_main
+from pipelines.entrypoints.command_line import CommandParser, boolean, number
+from pipelines.entrypoints.common import run_main
 from pipelines.errors import UserError
 from pipelines.tracking.liveness import DEFAULT_GRACE_S, close_stale_run, stale_runs
 
@@ -28,15 +29,15 @@ EXPERIMENTS_PER_PAGE = SEARCH_MAX_RESULTS_DEFAULT
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pipelines.entrypoints.stale_runs",
         description="List RUNNING runs whose process is gone (no heartbeat for --grace seconds) in the "
                     "tracking store ($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db); --close ends them KILLED.")
-    parser.add_argument("--grace", default=str(int(DEFAULT_GRACE_S)),
-                        help=f"seconds without a heartbeat after which a RUNNING run is stale (default "
-                             f"{DEFAULT_GRACE_S:.0f}; keep it well above the heartbeat interval, 30 s)")
+    parser.add_argument("--grace", type=number(0), default=DEFAULT_GRACE_S,
+                        help="seconds without a heartbeat after which a RUNNING run is stale (default "
+                             "%(default).0f; keep it well above the heartbeat interval, 30 s)")
     parser.add_argument("--experiment", default="", help="only this experiment (default: every active experiment)")
-    parser.add_argument("--close", nargs="?", const="true", default="false", metavar="true|false",
+    parser.add_argument("--close", nargs="?", type=boolean, const="true", default=False, metavar="true|false",
                         help="end the stale runs KILLED (default: only list them); `--close` alone means true")
     return parser
 
@@ -56,11 +57,7 @@ def _when(seconds: float) -> str:
 def stale_command(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
-    grace = number_option("grace", args.grace, float, DEFAULT_GRACE_S, minimum=0)
-    close = str(args.close).strip().lower()
-    if close not in ("true", "false", ""):
-        raise UserError(f"close={args.close!r} is not valid; expected true or false")
-    args.close = close == "true"
+    grace = args.grace
     client = MlflowClient()
     if args.experiment:
         experiment = client.get_experiment_by_name(args.experiment)

@@ -7,15 +7,16 @@ from typing import Sequence
 
 from pipelines.config import to_dict
 from pipelines.config_cli import add_config_arguments, config_from_args
-from pipelines.entrypoints.common import add_run_arguments, run_main
+from pipelines.entrypoints.command_line import CommandParser, add_run_arguments
+from pipelines.entrypoints.common import run_main
 from pipelines.training.preflight import preflight
 from pipelines.presets import preset_names
-from pipelines.tracking.run_description import run_name
+from pipelines.recording.run_description import run_name
 from pipelines.tracking.runs import entry_point_run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pipelines.entrypoints.train",
         description="Train a conditional VAE and record it in MLflow. Losses are nats per example.")
     add_config_arguments(parser)

@@ -5,72 +5,84 @@ configuration for every trial; the search space overrides the rest.
 """
 from __future__ import annotations
 
+import logging
 import argparse
 import sys
 from typing import Sequence
 
 from pipelines.config_cli import add_config_arguments, config_from_args
-from pipelines.entrypoints.common import add_run_arguments, number_option, run_main
+from pipelines.entrypoints.command_line import CommandParser, add_flag, add_run_arguments, integer, number
+from pipelines.entrypoints.common import run_main
+from pipelines.metrics import OBJECTIVES
 from pipelines.training.preflight import preflight
-from pipelines.tracking.runs import RunLogger, entry_point_run
-from pipelines.studies.tune import (DEFAULT_STORAGE, DEFAULT_TRIALS, HEARTBEAT_GRACE_S, OBJECTIVES, PRUNERS, SAMPLERS,
-                            TRIAL_ARTIFACTS, StudySettings, conclude_study, log_study_params, note_pruning,
-                            prepare_study, run_study, run_trials, trials_to_run)
-from pipelines.studies.workers import (STOP_AT_TRIALS_FLAG, WORKER_INDEX_FLAG, WORKER_OF_FLAG, plan_workers,
-                                      run_workers)
+from pipelines.tracking.runs import entry_point_run
+from pipelines.studies.settings import DEFAULT_TRIALS, PRUNERS, SAMPLERS, TRIAL_ARTIFACTS, StudySettings
+from pipelines.studies.tune import prepare_study, run_study
+from pipelines.studies.workers import (STOP_AT_TRIALS_FLAG, WORKER_INDEX_FLAG, WORKER_OF_FLAG, coordinate_workers,
+                                      run_as_worker)
 from search_spaces import resolve_space, space_names
 
+log = logging.getLogger(__name__)
+
 NO_REGISTRATION = "none"
+DEFAULTS = StudySettings()  # the only place the study's defaults are written
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """``--n-trials`` and ``--n_trials`` alike: `mlflow run` passes unknown -P params underscored."""
-    flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-    parser.add_argument(*flags, dest=name, **kwargs)
+def names(text: str) -> tuple[str, ...] | None:
+    """Comma-separated names; '' is not given."""
+    return tuple(part.strip() for part in text.split(",") if part.strip()) or None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pipelines.entrypoints.tune",
         description="Tune a conditional VAE with Optuna; every trial is a nested MLflow run. "
                     "An empty value means 'not given'.")
     study = parser.add_argument_group("study")
-    _flag(study, "study", default="cvae", help="study name; the same name and storage resume the study")
-    _flag(study, "storage", default=DEFAULT_STORAGE,
-          help=f"Optuna storage URL (default {DEFAULT_STORAGE}; journal:PATH for a journal file; "
-               "postgresql://... for many workers)")
-    _flag(study, "space", default="default",
-          help=f"search space: {', '.join(space_names())}, or path/to/file.py:function")
-    _flag(study, "objectives", default="nll",
-          help=f"comma-separated, all minimised: {', '.join(OBJECTIVES)} (e.g. recon,kl or nll,params "
-               "for a multi-objective study)")
-    _flag(study, "sampler", default="auto", help=f"{', '.join(SAMPLERS)} (auto: tpe, or nsga2 for several objectives)")
-    _flag(study, "sampler_seed", default="", help="sampler seed (default: --seed); give parallel workers different ones")
-    _flag(study, "pruner", default="median", help=f"{', '.join(PRUNERS)} (off in multi-objective studies)")
-    _flag(study, "pruner_startup_trials", default="5", help="median pruner: trials before any pruning")
-    _flag(study, "pruner_warmup_epochs", default="0", help="median pruner: epochs before a trial may be pruned")
-    _flag(study, "n_trials", default="",
-          help=f"trials this invocation runs, with --workers N their total (default {DEFAULT_TRIALS}, or "
-               "unlimited when --timeout is given)")
-    _flag(study, "timeout", default="", help="stop starting trials after this many seconds")
-    _flag(study, "register_as", default="",
-          help=f"registered model name for the best trial's model, alias @best (default: the study name; "
-               f"'{NO_REGISTRATION}' registers nothing)")
-    _flag(study, "workers", default="1",
-          help="worker processes this command starts on the study (each CPU worker gets cores / workers "
-               "threads unless --threads is given; GPUs are shared out among them); --n-trials is their total")
-    _flag(study, "trial_artifacts", default="best",
-          help=f"{', '.join(TRIAL_ARTIFACTS)}: every trial keeps its metrics, model and manifest; 'best' gives "
-               "test metrics, figures, evaluation and the generator to the chosen trial(s) only, 'all' to every trial")
-    _flag(study, "heartbeat_grace", default="",
-          help=f"seconds without a heartbeat after which another worker fails a running trial "
-               f"(default {HEARTBEAT_GRACE_S}; database storages only)")
+    add_flag(study, "study", default=DEFAULTS.name, help="study name; the same name and storage resume the study "
+             "(default %(default)s)")
+    add_flag(study, "storage", default=DEFAULTS.storage,
+             help="Optuna storage URL (default %(default)s; journal:PATH for a journal file; "
+                  "postgresql://... for many workers)")
+    add_flag(study, "space", default=DEFAULTS.space,
+             help=f"search space: {', '.join(space_names())}, or path/to/file.py:function (default %(default)s)")
+    add_flag(study, "objectives", type=names, default=DEFAULTS.objectives,
+             help=f"comma-separated, all minimised: {', '.join(OBJECTIVES)} (e.g. recon,kl or neg_elbo,params "
+                  f"for a multi-objective study; default {','.join(DEFAULTS.objectives)}; nll is neg_elbo's old name)")
+    add_flag(study, "sampler", default=DEFAULTS.sampler,
+             help=f"{', '.join(SAMPLERS)} (default %(default)s: tpe, or nsga2 for several objectives)")
+    add_flag(study, "sampler_seed", type=integer(), default=None,
+             help="sampler seed (default: --seed); give parallel workers different ones")
+    add_flag(study, "pruner", default=DEFAULTS.pruner,
+             help=f"{', '.join(PRUNERS)} (default %(default)s; off in multi-objective studies)")
+    add_flag(study, "pruner_startup_trials", type=integer(), default=DEFAULTS.pruner_startup_trials,
+             help="median pruner: trials before any pruning (default %(default)s)")
+    add_flag(study, "pruner_warmup_epochs", type=integer(), default=DEFAULTS.pruner_warmup_epochs,
+             help="median pruner: epochs before a trial may be pruned (default %(default)s)")
+    add_flag(study, "n_trials", type=integer(), default=DEFAULTS.n_trials,
+             help=f"trials this command runs, its workers together (default {DEFAULT_TRIALS}, or unlimited when "
+                  "--timeout is given)")
+    add_flag(study, "timeout", type=number(), default=DEFAULTS.timeout,
+             help="stop starting trials after this many seconds")
+    add_flag(study, "register_as", default=None,
+             help=f"registered model name for the best trial's model, alias @best (default: the study name; "
+                  f"'{NO_REGISTRATION}' registers nothing)")
+    add_flag(study, "workers", type=integer(), default=DEFAULTS.workers,
+             help="worker processes this command starts on the study (default %(default)s; each CPU worker gets "
+                  "cores / workers threads unless --threads is given; GPUs are shared out among them)")
+    add_flag(study, "trial_artifacts", default=DEFAULTS.trial_artifacts,
+             help=f"{', '.join(TRIAL_ARTIFACTS)} (default %(default)s): every trial keeps its metrics, model and "
+                  "manifest; 'best' gives test metrics, figures, evaluation and the generator to the chosen "
+                  "trial(s) only, 'all' to every trial")
+    add_flag(study, "heartbeat_grace", type=integer(), default=DEFAULTS.heartbeat_grace_s,
+             help="seconds without a heartbeat after which another worker fails a running trial "
+                  "(default %(default)s; database storages only)")
     add_run_arguments(study, run_name_help="name of the parent MLflow run (default: the study name)")
-    _flag(study, "list_spaces", action="store_true", help="print the search space names and exit")
+    add_flag(study, "list_spaces", action="store_true", help="print the search space names and exit")
     # Set by `--workers N` on the worker processes it starts: the parent run they report to.
     study.add_argument(WORKER_OF_FLAG, dest="worker_of", default="", help=argparse.SUPPRESS)
-    study.add_argument(WORKER_INDEX_FLAG, dest="worker_index", default="0", help=argparse.SUPPRESS)
-    study.add_argument(STOP_AT_TRIALS_FLAG, dest="stop_at_trials", default="", help=argparse.SUPPRESS)
+    study.add_argument(WORKER_INDEX_FLAG, dest="worker_index", type=integer(0), default=0, help=argparse.SUPPRESS)
+    study.add_argument(STOP_AT_TRIALS_FLAG, dest="stop_at_trials", type=integer(1), default=None, help=argparse.SUPPRESS)
     add_config_arguments(parser)
     return parser
 
@@ -78,17 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace, seed: int) -> StudySettings:
     register_as = (args.register_as or "").strip() or args.study
     return StudySettings(
-        name=args.study, storage=args.storage, space=args.space,
-        objectives=tuple(p.strip() for p in args.objectives.split(",") if p.strip()),
-        sampler=args.sampler, sampler_seed=number_option("sampler_seed", args.sampler_seed, int, seed),
-        pruner=args.pruner,
-        pruner_startup_trials=number_option("pruner_startup_trials", args.pruner_startup_trials, int, 5),
-        pruner_warmup_epochs=number_option("pruner_warmup_epochs", args.pruner_warmup_epochs, int, 0),
-        n_trials=number_option("n_trials", args.n_trials, int), timeout=number_option("timeout", args.timeout, float),
+        name=args.study, storage=args.storage, space=args.space, objectives=args.objectives, sampler=args.sampler,
+        sampler_seed=seed if args.sampler_seed is None else args.sampler_seed, pruner=args.pruner,
+        pruner_startup_trials=args.pruner_startup_trials, pruner_warmup_epochs=args.pruner_warmup_epochs,
+        n_trials=args.n_trials, timeout=args.timeout,
         register_as="" if register_as == NO_REGISTRATION else register_as,
-        heartbeat_grace_s=number_option("heartbeat_grace", args.heartbeat_grace, int, HEARTBEAT_GRACE_S),
-        trial_artifacts=(args.trial_artifacts or "best").strip(),
-        workers=number_option("workers", args.workers, int, 1))
+        heartbeat_grace_s=args.heartbeat_grace, trial_artifacts=args.trial_artifacts, workers=args.workers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,10 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     preflight(base)  # device, data sizes, the base model on the meta device, before any run
     study = prepare_study(settings, base, args.experiment)
     if args.worker_of:
-        return run_as_worker(study, settings, space, base, args.worker_of, args.worker_index,
-                             number_option("stop_at_trials", args.stop_at_trials, int, minimum=1))
+        run_as_worker(study, settings, space, base, args.worker_of, args.worker_index, args.stop_at_trials)
+        return 0
     with entry_point_run(args.experiment, args.run_name or settings.name, tags={"study": settings.name}) as parent:
-        print(f"study {settings.name!r}: {len(study.trials)} trials so far; parent run {parent.run_id}", flush=True)
+        log.info(f"study {settings.name!r}: {len(study.trials)} trials so far; parent run {parent.run_id}")
         if settings.workers == 1:
             run_study(study, settings, space, base, parent)
             return 0
@@ -116,37 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               "see their output above", file=sys.stderr)
         return 1
     return 0
-
-
-def run_as_worker(study, settings: StudySettings, space, base, parent_run_id: str, index: str,
-                  stop_at_trials: int | None) -> int:
-    """One of the processes `--workers N` started: run trials under the shared parent run until the
-    study holds ``stop_at_trials`` trials; the coordinating process concludes the study."""
-    print(f"worker {index}: study {settings.name!r}, trials until the study holds "
-          f"{stop_at_trials or 'the timeout'}", flush=True)
-    run_trials(study, settings, space, base, RunLogger(parent_run_id), settings.n_trials,
-               stop_at_trials=stop_at_trials)
-    return 0
-
-
-def coordinate_workers(study, settings: StudySettings, base, parent: RunLogger, argv: list[str]) -> list[int]:
-    """Start the workers, wait for them, conclude the study; return the indices of failed workers.
-
-    The workers share this invocation's ``n_trials``: each draws trials until the study holds
-    as many as it had now plus ``n_trials``, so none idles while another has a queue."""
-    note_pruning(settings)
-    log_study_params(parent, settings, base)
-    n_trials = trials_to_run(settings)
-    stop_at_trials = None if n_trials is None else len(study.get_trials(deepcopy=False)) + n_trials
-    plans = plan_workers(base, settings.workers, n_trials)
-    try:
-        codes = run_workers(argv, plans, parent.run_id, stop_at_trials)
-    except KeyboardInterrupt:
-        print("interrupted: workers stopped; summarising the study so far", flush=True)
-        conclude_study(study, settings, base, parent, None)
-        raise
-    conclude_study(study, settings, base, parent, None)
-    return [plan.index for plan, code in zip(plans, codes) if code != 0]
 
 
 if __name__ == "__main__":

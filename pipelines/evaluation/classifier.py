@@ -7,6 +7,7 @@ only the first evaluation on a dataset pays for training.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -23,6 +24,8 @@ from cvae.evaluation import frechet_distance
 from pipelines.config import DataConfig
 from pipelines.data import SplitData, as_unit_floats, load_splits
 from pipelines.tracking.runs import REPO_ROOT, RunLogger, end_run_for, new_logged_model, resolve_experiment_id, start_run
+
+log = logging.getLogger(__name__)
 
 CLASSIFIER_EXPERIMENT = "cvae-harness-classifiers"
 ARCHITECTURE_VERSION = "strided-cnn-v1"  # change when ImageClassifier changes, to retrain
@@ -146,8 +149,8 @@ def _train_and_log(client: MlflowClient, data: DataConfig, key: str, train_size:
         end_run_for(client, run_id, error)
         raise
     end_run_for(client, run_id, None)
-    print(f"trained the {data.dataset} classifier in {seconds:.0f} s on {len(splits.train)} images: "
-          f"test accuracy {test_accuracy:.4f} (run {run_id})", flush=True)
+    log.info(f"trained the {data.dataset} classifier in {seconds:.0f} s on {len(splits.train)} images: "
+             f"test accuracy {test_accuracy:.4f} (run {run_id})")
     return Classifier(net, test_accuracy, info.model_uri, run_id, cached=False)
 
 

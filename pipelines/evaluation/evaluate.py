@@ -19,6 +19,7 @@ active units, KL per dimension, collapse, and the sample accuracy of one batch o
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import math
@@ -31,10 +32,13 @@ from cvae.likelihood import bits_per_dim, is_exact, likelihood_kind
 from pipelines.evaluation.classifier import DEFAULT_EPOCHS, accuracy, get_classifier, judge_samples
 from pipelines.config import DataConfig, RunConfig, flatten
 from pipelines.data import Batcher, DatasetSplits, SplitData, as_unit_floats, load_splits
+from pipelines.metrics import BITS_PER_DIM_SUFFIX, IWAE_NLL, LIKELIHOOD_KIND_TAG, iwae_metric, run_likelihood_kind
 from pipelines.training.execution import seed_everything
 from pipelines.models.model_resolution import ResolvedModel, load_cvae
 from pipelines.tracking.runs import RunLogger
 from pipelines.training.train import evaluate_split
+
+log = logging.getLogger(__name__)
 
 DEFAULT_IWAE_K = 1000
 # A few seconds for the default MLP on the 10k test images on two CPU cores (2-7 s measured on a busy machine).
@@ -50,8 +54,6 @@ UNITS_ARTIFACT = "evaluation/latent_units.json"
 # no active unit, or a total KL (nats per example) too small to encode anything useful.
 COLLAPSE_KL_NATS = 0.1
 COLLAPSE_TAG = "posterior_collapse"
-LIKELIHOOD_KIND_TAG = "likelihood_kind"
-BITS_PER_DIM_SUFFIX = "_bits_per_dim"
 
 
 def posterior_collapse(active: int, kl_nats: float) -> bool:
@@ -60,17 +62,8 @@ def posterior_collapse(active: int, kl_nats: float) -> bool:
 
 
 def collapse_warning(active: int, kl_nats: float) -> str:
-    return (f"warning: posterior collapse: {active} active latent units, KL {kl_nats:.3g} nats per example "
+    return (f"posterior collapse: {active} active latent units, KL {kl_nats:.3g} nats per example "
             f"(rule: 0 active units or KL < {COLLAPSE_KL_NATS} nats); the decoder ignores z")
-
-
-def run_likelihood_kind(config: RunConfig) -> str:
-    return likelihood_kind(config.model.likelihood, config.data.binarize)
-
-
-def iwae_metric(kind: str, k: int) -> str:
-    """``test/iwae_nll_k{K}`` where the likelihood is exact, ``test/iwae_bound_k{K}`` otherwise."""
-    return f"test/iwae_nll_k{k}" if is_exact(kind) else f"test/iwae_bound_k{k}"
 
 
 def with_bits_per_dim(metrics: dict[str, float], kind: str, image_shape) -> dict[str, float]:
@@ -80,7 +73,7 @@ def with_bits_per_dim(metrics: dict[str, float], kind: str, image_shape) -> dict
         return dict(metrics)
     dims = math.prod(image_shape)
     extra = {f"{name}{BITS_PER_DIM_SUFFIX}": bits_per_dim(value, dims) for name, value in metrics.items()
-             if not name.endswith(BITS_PER_DIM_SUFFIX) and (name.endswith("/neg_elbo") or "/iwae_nll_k" in name)}
+             if not name.endswith(BITS_PER_DIM_SUFFIX) and (name.endswith("/neg_elbo") or name.startswith(IWAE_NLL))}
     return {**metrics, **extra}
 
 
@@ -132,12 +125,12 @@ def likelihood_metrics(model: CVAE, split: SplitData, batcher: Batcher, k: int, 
 
 
 def report_collapse(logger: RunLogger | None, details: dict) -> bool:
-    """Tag the run ``posterior_collapse=true|false`` and print a one-line warning when collapsed."""
+    """Tag the run ``posterior_collapse=true|false`` and log a one-line warning when collapsed."""
     collapsed = bool(details["posterior_collapse"])
     if logger:
         logger.set_tags({COLLAPSE_TAG: str(collapsed).lower()})
     if collapsed:
-        print(collapse_warning(details["active_units"], details["kl"]), flush=True)
+        log.warning(collapse_warning(details["active_units"], details["kl"]))
     return collapsed
 
 

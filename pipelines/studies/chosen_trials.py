@@ -9,6 +9,7 @@ recorded and what is registered agree.
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import mlflow.pytorch
@@ -21,7 +22,9 @@ from pipelines.data import Batcher, DatasetSplits, load_splits
 from pipelines.recording.record import BEST_TRIAL, DETAIL_TAG, FULL, record_run
 from pipelines.tracking.runs import RunLogger
 from pipelines.training.train import KEPT_EPOCH_METRIC, TrainResult
-from pipelines.studies.tune_tracking import RUN_ID_ATTR
+from pipelines.studies.trial_runs import RUN_ID_ATTR
+
+log = logging.getLogger(__name__)
 
 PARETO_RECORD_CAP = 8  # Pareto-front trials that get figures and evaluation; a wide front is capped
 RECORDED_IN_FULL = (FULL.name, BEST_TRIAL.name)
@@ -59,8 +62,8 @@ def record_chosen_trials(client: MlflowClient, chosen: Sequence[FrozenTrial], ba
                          cap: int = PARETO_RECORD_CAP) -> list[int]:
     """Give each chosen trial (up to ``cap``) its full record, once; return the trial numbers recorded now."""
     if len(chosen) > cap:
-        print(f"note: {len(chosen)} trials on the Pareto front; figures and evaluation for the first {cap} "
-              "by the first objective", flush=True)
+        log.info(f"{len(chosen)} trials on the Pareto front; figures and evaluation for the first {cap} "
+                 "by the first objective")
         chosen = sorted(chosen, key=lambda t: (t.values[0], t.number))[:cap]
     recorded = []
     for trial in chosen:
@@ -84,5 +87,5 @@ def record_chosen_trials(client: MlflowClient, chosen: Sequence[FrozenTrial], ba
                              stopped_early=False, device=device)
         record_run(RunLogger(run_id, client), result, config, BEST_TRIAL)
         recorded.append(trial.number)
-        print(f"trial {trial.number}: recorded test metrics, figures, evaluation and generator", flush=True)
+        log.info(f"trial {trial.number}: recorded test metrics, figures, evaluation and generator")
     return recorded

@@ -11,16 +11,26 @@ process opens the parent run, waits, and concludes the study once.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+import optuna
 import torch
 
 from pipelines.config import RunConfig
+from pipelines.studies.settings import StudySettings, trials_to_run
+from pipelines.studies.tune import run_and_conclude, run_trials
+from pipelines.tracking.runs import RunLogger
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # search spaces build on this layer; only their type is named here
+    from search_spaces import SearchSpace
 
 WORKER_OF_FLAG = "--worker-of"
 WORKER_INDEX_FLAG = "--worker-index"
@@ -72,8 +82,8 @@ def run_workers(argv: Sequence[str], plans: Sequence[WorkerPlan], parent_run_id:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # that run is the parent's
     processes = []
     for plan in plans:
-        print(f"worker {plan.index}: on {plan.device or 'the study device'}"
-              + (f", {plan.threads} CPU threads" if plan.threads else ""), flush=True)
+        log.info(f"worker {plan.index}: on {plan.device or 'the study device'}"
+                 + (f", {plan.threads} CPU threads" if plan.threads else ""))
         processes.append(subprocess.Popen(worker_command(argv, plan, parent_run_id, stop_at_trials), env=env))
     try:
         return [process.wait() for process in processes]
@@ -89,3 +99,32 @@ def run_workers(argv: Sequence[str], plans: Sequence[WorkerPlan], parent_run_id:
                 process.kill()
                 process.wait()
         raise
+
+
+def coordinate_workers(study: optuna.Study, settings: StudySettings, base: RunConfig, parent: RunLogger,
+                       argv: Sequence[str]) -> list[int]:
+    """Start the workers on ``study``, wait for them, conclude the study in ``parent`` (after Ctrl-C
+    too); return the indices of the workers that failed.
+
+    The workers share this invocation's ``n_trials``: each draws trials until the study holds
+    as many as it had now plus ``n_trials``, so none idles while another has a queue."""
+    n_trials = trials_to_run(settings)
+    stop_at_trials = None if n_trials is None else len(study.get_trials(deepcopy=False)) + n_trials
+    plans = plan_workers(base, settings.workers, n_trials)
+    codes: list[int] = []
+
+    def run() -> None:
+        codes.extend(run_workers(argv, plans, parent.run_id, stop_at_trials))
+
+    run_and_conclude(study, settings, base, parent, run)
+    return [plan.index for plan, code in zip(plans, codes) if code != 0]
+
+
+def run_as_worker(study: optuna.Study, settings: StudySettings, space: SearchSpace, base: RunConfig,
+                  parent_run_id: str, index: int, stop_at_trials: int | None) -> None:
+    """One of the processes `--workers N` started: run trials under the shared parent run until the
+    study holds ``stop_at_trials`` trials; the coordinating process concludes the study."""
+    log.info(f"worker {index}: study {settings.name!r}, trials until the study holds "
+             f"{stop_at_trials or 'the timeout'}")
+    run_trials(study, settings, space, base, RunLogger(parent_run_id), settings.n_trials,
+               stop_at_trials=stop_at_trials)

@@ -25,7 +25,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_BATCH = 100  # MLflow's log_batch accepts at most 100 params per call
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the UI (3.x) to pick the experiment's view
 MACHINE_LEARNING_KIND = "custom_model_development"  # the UI's "Machine learning": the runs table
 
@@ -48,7 +47,7 @@ def configure_tracking() -> str:
 # per call, and a failing trial makes several calls while it closes its runs.
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-HEALTH_ATTEMPTS = 3  # a tracking server just (re)starting gets a few seconds before we give up
+HEALTH_RETRIES = 2  # a tracking server just (re)starting gets a few seconds before we give up
 _reachable: set[str] = set()
 
 
@@ -72,23 +71,26 @@ def require_tracking_server(uri: str) -> None:
     if not _is_server_uri(uri) or uri in _reachable:
         return
     import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util import Retry
+
     from cvae.config import ConfigError
 
     health = uri.rstrip("/") + "/health"
     # The TLS settings MLflow's own client honours (/health needs no credentials).
     verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or \
         os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() not in ("true", "1")
-    for attempt in range(1, HEALTH_ATTEMPTS + 1):
+    with requests.Session() as session:
+        retry = Retry(total=HEALTH_RETRIES, backoff_factor=1, status_forcelist=(502, 503, 504), raise_on_status=False)
+        session.mount(health, HTTPAdapter(max_retries=retry))
         try:
-            response = requests.get(health, timeout=10, verify=verify)
+            response = session.get(health, timeout=10, verify=verify)
             if response.ok:
                 _reachable.add(uri)
                 return
             problem = f"{health} answered HTTP {response.status_code}"
         except requests.RequestException as error:
             problem = f"no answer from {health} ({type(error).__name__})"
-        if attempt < HEALTH_ATTEMPTS:
-            time.sleep(attempt)
     raise ConfigError(f"MLFLOW_TRACKING_URI={uri} is not valid; {problem}: start the tracking server "
                       "(`mlflow server ...`, see docs/scaling.md) or point MLFLOW_TRACKING_URI at a running one")
 
@@ -121,17 +123,14 @@ class RunLogger:
     def experiment_id(self) -> str:
         return self.client.get_run(self.run_id).info.experiment_id
 
+    # MlflowClient.log_batch splits what it is given into the store's batch limits itself.
     def log_params(self, params: Mapping[str, object]) -> None:
         """Empty values (an option left unset) are not logged: the UI would show a blank cell."""
-        items = [Param(k, str(v)) for k, v in params.items() if str(v) != ""]
-        for start in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, params=items[start: start + _BATCH])
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items() if str(v) != ""])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for start in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start: start + _BATCH])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -10,6 +10,7 @@ dimensions, both averaged over the batch.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import sys
 import time
@@ -23,12 +24,15 @@ import cvae
 from cvae import CVAE, gaussian_kl, kl_weight_at, loss_from_means, monte_carlo_kl, negative_elbo
 from cvae.likelihood import likelihood_kind
 from pipelines.config import RunConfig, flatten
+from pipelines.errors import RunFailedError
 from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
 from pipelines.training.execution import (autocast, configure_determinism, configure_threads, device_description,
                                  grad_scaler, is_deterministic, keep_freed_memory, resolve_device,
                                  seed_everything)
-from pipelines.tracking.run_description import log_dataset
+from pipelines.tracking.datasets import log_dataset
 from pipelines.tracking.runs import RunLogger, git_commit
+
+log = logging.getLogger(__name__)
 
 # Evaluation batch: a conv layer's activations for 250 images stay under glibc's 32 MB mmap limit,
 # so freed buffers are reused from the heap; at 1000 images every batch mapped and unmapped
@@ -41,7 +45,7 @@ EpochCallback = Callable[[int, dict], None]
 KEPT_EPOCH_METRIC = "kept_epoch"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailedError):
     """Training diverged: a loss became NaN or infinite."""
 
 
@@ -201,9 +205,9 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
         history.append({"epoch": epoch, **metrics})
         if logger:
             logger.log_metrics(metrics, step=epoch)
-        print(f"epoch {epoch}: train/loss {train_terms['loss']:.2f}  val/loss {val_terms['loss']:.2f}  "
-              f"val/recon {val_terms['recon']:.2f}  val/kl {val_terms['kl']:.2f}  "
-              f"{metrics['examples_per_s']:.0f} img/s", flush=True)
+        log.info(f"epoch {epoch}: train/loss {train_terms['loss']:.2f}  val/loss {val_terms['loss']:.2f}  "
+                 f"val/recon {val_terms['recon']:.2f}  val/kl {val_terms['kl']:.2f}  "
+                 f"{metrics['examples_per_s']:.0f} img/s")
         if not math.isfinite(val_terms["loss"]):
             from pipelines.training.divergence import divergence_message
             raise NonFiniteLossError(divergence_message(config, "validation", epoch, val_terms))
@@ -217,7 +221,7 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
             on_epoch(epoch, metrics)
         if config.optim.patience and stale >= config.optim.patience:
             stopped_early = True
-            print(f"early stopping: no val/loss improvement for {stale} epochs; best epoch {best_epoch}", flush=True)
+            log.info(f"early stopping: no val/loss improvement for {stale} epochs; best epoch {best_epoch}")
             break
 
     kept_epoch = len(history)

@@ -1,0 +1,83 @@
+"""The function Optuna calls for a trial: the space's overrides -> ``train`` in a child run -> objective values.
+
+A trial that diverges (NaN) or runs out of memory fails on its own (``TRIAL_FAILURES``) and the
+study goes on; anything else stops the study.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import optuna
+import torch
+from mlflow.exceptions import MlflowException
+
+from pipelines.config import RunConfig, with_overrides
+from pipelines.data import DatasetSplits
+from pipelines.metrics import OBJECTIVES
+from pipelines.recording.record import FULL, TRIAL, record_run
+from pipelines.studies.pruning import epoch_reporter
+from pipelines.studies.sampling import SAMPLER_SEED_ATTR, trial_seed
+from pipelines.studies.settings import StudySettings
+from pipelines.recording.run_description import name_trial
+from pipelines.studies.trial_runs import trial_run
+from pipelines.tracking.runs import RunLogger
+from pipelines.training.train import NonFiniteLossError, TrainResult, train
+
+if TYPE_CHECKING:  # search spaces build on this layer; only their type is named here
+    from search_spaces import SearchSpace
+
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+# Failures that end one trial (FAIL) while the study goes on; anything else is a bug and stops it.
+TRIAL_FAILURES = (NonFiniteLossError, OUT_OF_MEMORY)
+
+
+def parameter_count(result: TrainResult) -> int:
+    return sum(p.numel() for p in result.model.parameters())
+
+
+def objective_values(objectives: Sequence[str], result: TrainResult) -> list[float]:
+    # The epoch whose weights the trial keeps: its model, and the test metrics of a chosen trial, are of those.
+    kept = result.history[result.kept_epoch - 1]
+    values = [float(parameter_count(result)) if OBJECTIVES[name].metric is None
+              else float(kept[OBJECTIVES[name].metric]) for name in objectives]
+    if not all(math.isfinite(v) for v in values):
+        raise NonFiniteLossError(f"objective values are not finite: {dict(zip(objectives, values))}")
+    return values
+
+
+class TrialObjective:
+    """The function Optuna calls: space -> config -> ``train`` in a child run -> objective values."""
+
+    def __init__(self, settings: StudySettings, space: SearchSpace, base: RunConfig,
+                 parent: RunLogger, splits: DatasetSplits):
+        self.settings = settings
+        self.space = space
+        self.base = base
+        self.parent = parent
+        self.splits = splits
+        self.current: optuna.Trial | None = None  # the trial running now, for clean-up after Ctrl-C
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        self.current = trial
+        with trial_run(self.parent.client, self.parent.run_id, self.settings.name, trial) as logger:
+            try:
+                config = with_overrides(self.base, self.space(trial, self.base))
+                name_trial(logger, trial.number, config)
+                logger.log_params({f"trial.{k}": v for k, v in trial.params.items()})
+                same_data = config.data == self.base.data and config.execution.device == self.base.execution.device
+                trial.set_user_attr(SAMPLER_SEED_ATTR, trial_seed(self.settings.sampler_seed, trial.number))
+                result = train(config, logger, on_epoch=epoch_reporter(self.settings, trial, config.optim.epochs),
+                               splits=self.splits if same_data else None)
+                values = objective_values(self.settings.objectives, result)
+                record_run(logger, result, config, FULL if self.settings.trial_artifacts == "all" else TRIAL)
+            # A tracking server lost for longer than MLflow's bounded retries also fails the trial
+            # with its reason, though it stops this worker (it is not in catch=TRIAL_FAILURES).
+            except (*TRIAL_FAILURES, MlflowException) as error:
+                trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
+                if isinstance(error, OUT_OF_MEMORY) and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise
+            logger.log_metrics({f"objective/{name}": v for name, v in zip(self.settings.objectives, values)},
+                               step=result.kept_epoch)
+        return values[0] if len(values) == 1 else values
