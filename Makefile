@@ -36,10 +36,12 @@ run: $(VENV)/.installed $(DATASET_SETUP)
 	$(BIN)/mlflow run . -e main --env-manager local -P dataset=$(DATASET) -P epochs=$(EPOCHS) -P device=$(DEVICE)
 
 test: $(VENV)/.installed fashion-mnist
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The inner loop: everything but the tests that train through real processes or start servers (`slow`).
 test-fast: $(VENV)/.installed fashion-mnist
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadgroup
 
 # MLflow 3.17's UI opens experiments on its GenAI view unless "Model training" is chosen at the top

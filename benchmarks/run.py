@@ -108,9 +108,10 @@ def torchvision_root(tmp: Path) -> Path:
 
 def conventional_examples_per_s(config, root: Path) -> float:
     """The loop of a typical PyTorch VAE example, on the same model architecture and data."""
-    import cvae
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
+
+    import cvae
 
     device = torch.device(config.execution.device)
     dataset = datasets.FashionMNIST(str(root), train=True, download=False, transform=transforms.ToTensor())
@@ -143,9 +144,9 @@ def conventional_examples_per_s(config, root: Path) -> float:
 
 def training_flops_per_example(config) -> float:
     """FLOPs of one forward + backward step, per example, as torch's FlopCounterMode counts them."""
-    import cvae
     from torch.utils.flop_counter import FlopCounterMode
 
+    import cvae
     from cvae import negative_elbo
 
     model = cvae.build(config.model, (1, 28, 28), 10)

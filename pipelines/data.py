@@ -26,6 +26,7 @@ from cvae.config import ConfigError
 from pipelines.config import DataConfig
 from pipelines.errors import UserError
 
+
 @dataclass(frozen=True)
 class DatasetInfo:
     folder: str  # torchvision's dataset class, and the folder of its layout (ROOT/<folder>/raw)

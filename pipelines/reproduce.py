@@ -261,9 +261,9 @@ def reproduce_run(run_id: str, tolerance: float | None = None, experiment: str |
     from mlflow import MlflowClient
 
     from pipelines.config import from_dict, with_overrides
-    from pipelines.training.preflight import preflight
     from pipelines.recording.manifest import load_manifest
     from pipelines.tracking.runs import entry_point_run
+    from pipelines.training.preflight import preflight
 
     client = MlflowClient()
     original, original_weights = load_original(client, run_id)

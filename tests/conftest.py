@@ -102,7 +102,6 @@ class Store:
 def make_store(root: Path, data_dir: Path) -> Store:
     """A fresh tracking store under ``root``; module-scoped fixtures use it to share one store."""
     from mlflow import MlflowClient
-
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     from pipelines.evaluation.classifier import CLASSIFIER_EXPERIMENT

@@ -5,10 +5,10 @@ import math
 import pytest
 import yaml
 
+from conftest import REPO
 from cvae.config import ConfigError
 from pipelines.config import RunConfig, field_index, flatten, from_dict, from_params, to_dict, with_overrides
 from pipelines.config_cli import add_config_arguments, config_from_args
-from conftest import REPO
 
 
 def parse(*argv):

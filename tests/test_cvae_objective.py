@@ -8,6 +8,17 @@ import torch
 
 import cvae
 from cvae import ModelConfig, ObjectiveConfig, gaussian_kl, kl_weight_at, negative_elbo
+from cvae.likelihood import (
+    CONTINUOUS_DENSITY,
+    CROSS_ENTROPY,
+    EXACT_BINARY,
+    EXACT_DISCRETE,
+    PIXEL_LEVELS,
+    bits_per_dim,
+    discretized_logistic_log_prob,
+    is_exact,
+    likelihood_kind,
+)
 from cvae.objective import free_bits_kl, monte_carlo_kl
 
 
@@ -170,8 +181,6 @@ def test_objective_config_errors_name_fields():
 
 # --- the discretized logistic over 8-bit levels, and what each likelihood's numbers are --------
 
-from cvae.likelihood import (CONTINUOUS_DENSITY, CROSS_ENTROPY, EXACT_BINARY, EXACT_DISCRETE, PIXEL_LEVELS,
-                             bits_per_dim, discretized_logistic_log_prob, is_exact, likelihood_kind)
 
 ALL_LEVELS = torch.arange(PIXEL_LEVELS, dtype=torch.float32) / (PIXEL_LEVELS - 1)
 

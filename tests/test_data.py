@@ -3,17 +3,16 @@ binarization, batches, and the split sizes known from the headers before any run
 import gzip
 import hashlib
 import struct
-
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.config import DataConfig
-from cvae.config import ConfigError
-from pipelines.data import Batcher, DataUnavailableError, check_available, load_splits, split_sizes
 from conftest import FASHION_DIR
+from cvae.config import ConfigError
+from pipelines.config import DataConfig
+from pipelines.data import Batcher, DataUnavailableError, check_available, load_splits, split_sizes
 
 
 def write_idx(path, array: np.ndarray) -> None:

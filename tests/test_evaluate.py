@@ -10,15 +10,21 @@ import mlflow
 import pytest
 import torch
 
-from pipelines.evaluation.classifier import (CLASSIFIER_EXPERIMENT, cache_key, get_classifier,
-                                  judge_samples)
+from conftest import SHARED_RUN_LATENT_DIM, Store, assert_no_running
 from pipelines.config import DataConfig
 from pipelines.data import as_unit_floats, load_splits
 from pipelines.errors import UserError
-from pipelines.evaluation.evaluate import (TRAINING_IWAE_K, UNITS_ARTIFACT, collapse_warning, evaluate_model, iwae_metric,
-                                posterior_collapse, with_bits_per_dim)
+from pipelines.evaluation.classifier import CLASSIFIER_EXPERIMENT, cache_key, get_classifier, judge_samples
+from pipelines.evaluation.evaluate import (
+    TRAINING_IWAE_K,
+    UNITS_ARTIFACT,
+    collapse_warning,
+    evaluate_model,
+    iwae_metric,
+    posterior_collapse,
+    with_bits_per_dim,
+)
 from pipelines.models.model_resolution import resolve_model
-from conftest import SHARED_RUN_LATENT_DIM, Store, assert_no_running
 
 LATENT_DIM = SHARED_RUN_LATENT_DIM
 CLASSIFIER = {"classifier_train_size": "3000", "classifier_epochs": "2"}  # seconds, not the full one
@@ -85,7 +91,8 @@ def test_training_run_logs_iwae_active_units_and_kl_per_dimension(conditional_ru
     assert 0 <= metrics["test/active_units"] <= LATENT_DIM
     kl_dims = [metrics[f"test/kl_dim_{i}"] for i in range(LATENT_DIM)]
     assert sum(kl_dims) == pytest.approx(metrics["test/kl"], rel=1e-4)  # same closed form, two routes
-    units = conditional_run.store.client.download_artifacts(conditional_run.run.info.run_id, UNITS_ARTIFACT, str(conditional_run.store.root))
+    store, run_id = conditional_run.store, conditional_run.run.info.run_id
+    units = store.client.download_artifacts(run_id, UNITS_ARTIFACT, str(store.root))
     details = json.loads(Path(units).read_text())
     assert details["active_units"] == metrics["test/active_units"]
     assert len(details["posterior_mean_variance"]) == LATENT_DIM

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import SHARED_RUN_LATENT_DIM, assert_no_running
 from pipelines.entrypoints.generate import GRID_ARTIFACT, GRID_PADDING
 from pipelines.models.generator_model import DEFAULT_MAX_ROWS, GenerationRequestError, GeneratorModel, generator_spec
 from pipelines.server_process import free_port, serving
-from conftest import SHARED_RUN_LATENT_DIM, assert_no_running
 
 LATENT_DIM = SHARED_RUN_LATENT_DIM
 TILE = 28 + GRID_PADDING

@@ -12,11 +12,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines.config import RunConfig, from_dict, with_overrides
-from pipelines.recording.manifest import (DIFF_FILE, MANIFEST_FILE, installed_packages, load_manifest, log_manifest,
-                                weights_sha256)
-from pipelines.tracking.runs import RunLogger, git_commit
 from conftest import EXPERIMENT, make_store
+from pipelines.config import RunConfig, from_dict, with_overrides
+from pipelines.recording.manifest import (
+    DIFF_FILE,
+    MANIFEST_FILE,
+    installed_packages,
+    load_manifest,
+    log_manifest,
+    weights_sha256,
+)
+from pipelines.tracking.runs import RunLogger, git_commit
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 TINY = {"data.dataset": "fashion-mnist", "data.limit_train": 600, "data.val_size": 200,

@@ -1,8 +1,8 @@
 """Packaging stays consistent: conda.yaml, requirements.txt and pyproject.toml agree with each other."""
 import importlib.metadata
-import tomllib
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import cvae
-from cvae import ConfigError, ModelConfig
-from pipelines.config import flatten, from_params, with_overrides
-from pipelines.recording.preset_figures import preset_figure_builders
-from cvae.likelihood import likelihood_kind
-from pipelines.presets import preset_config
 from conftest import TINY_PARAMS, assert_no_running
+from cvae import ConfigError, ModelConfig
+from cvae.likelihood import likelihood_kind
+from pipelines.config import flatten, from_params, with_overrides
+from pipelines.presets import preset_config
+from pipelines.recording.preset_figures import preset_figure_builders
 
 
 def conv(c_in, c_out, k=3):

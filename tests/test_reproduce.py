@@ -10,11 +10,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines.recording.manifest import MANIFEST_FILE, load_manifest, weights_sha256
-from pipelines.reproduce import (AGREES, DIFFERS, REPORT_JSON, REPORT_MARKDOWN, build_report, compare_data,
-                                 compare_metrics, compare_weights, default_tolerance, environment_warnings,
-                                 explicit_tolerance)
 from conftest import EXPERIMENT, TINY_DATA, TINY_PARAMS, assert_no_running, make_store
+from pipelines.recording.manifest import MANIFEST_FILE, load_manifest, weights_sha256
+from pipelines.reproduce import (
+    AGREES,
+    DIFFERS,
+    REPORT_JSON,
+    REPORT_MARKDOWN,
+    build_report,
+    compare_data,
+    compare_metrics,
+    compare_weights,
+    default_tolerance,
+    environment_warnings,
+    explicit_tolerance,
+)
 
 REPRODUCE = "pipelines.entrypoints.reproduce"
 SHORT_TRAIN = {**TINY_PARAMS, "epochs": "2", "hidden": "64,32"}

@@ -6,9 +6,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from cvae.config import ConfigError
+from cvae.likelihood import likelihood_kind
 from pipelines.config import RunConfig, with_overrides
 from pipelines.presets import PRESETS, preset_config, preset_names
-from cvae.likelihood import likelihood_kind
 from search_spaces import resolve_space, space_names
 from search_spaces.architectures import comparable_presets
 

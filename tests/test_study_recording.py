@@ -13,13 +13,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from conftest import TINY_DATA, assert_no_running, make_store
 from pipelines.config import RunConfig, with_overrides
 from pipelines.evaluation.evaluate import LIKELIHOOD_KIND_TAG, iwae_metric
 from pipelines.recording.record import BEST_TRIAL, DETAIL_TAG, FULL, TRIAL
 from pipelines.reproduce import AGREES
 from pipelines.studies.sampling import trial_seed
 from pipelines.studies.workers import plan_workers, worker_command
-from conftest import TINY_DATA, assert_no_running, make_store
 
 TUNE = "pipelines.entrypoints.tune"
 REPRODUCE = "pipelines.entrypoints.reproduce"

@@ -51,6 +51,7 @@ def test_mlflow_run_train_records_a_complete_run(store, tmp_path):
             assert image.format == "PNG"
 
     import mlflow.pytorch
+
     from pipelines.config import PRESET_PARAM, from_dict, from_params
     from pipelines.data import Batcher, load_splits
     from pipelines.models.model_resolution import resolve_model
@@ -193,6 +194,7 @@ def test_a_run_keeping_its_last_weights_records_which_epoch_they_are_from(store)
     """Through the entry point: kept_epoch names the epoch whose weights the logged model holds, and
     the test metrics are logged at that step."""
     import mlflow.pytorch
+
     from pipelines.config import from_params
     from pipelines.data import Batcher, load_splits
     from pipelines.training.train import evaluate_split

@@ -12,9 +12,9 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from conftest import TINY_DATA, TINY_PARAMS, assert_no_running, wait_until_a_trial_is_stale
 from pipelines.entrypoints import tune as tune_entry_point
 from pipelines.entrypoints.common import run_main
-from conftest import TINY_DATA, TINY_PARAMS, assert_no_running, wait_until_a_trial_is_stale
 
 TUNE = "pipelines.entrypoints.tune"
 PARENT_TAG = "mlflow.parentRunId"

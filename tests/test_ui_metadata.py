@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from conftest import EXPERIMENT, REPO, TINY_DATA, TINY_PARAMS, make_store
-
 from pipelines.config import RunConfig, field_index, with_overrides
 from pipelines.presets import preset_config
 from pipelines.recording.run_description import run_description, run_name, trial_run_name

@@ -9,10 +9,10 @@ from pipelines.config import to_dict
 from pipelines.config_cli import add_config_arguments, config_from_args
 from pipelines.entrypoints.command_line import CommandParser, add_run_arguments
 from pipelines.entrypoints.common import run_main
-from pipelines.training.preflight import preflight
 from pipelines.presets import preset_names
 from pipelines.recording.run_description import run_name
 from pipelines.tracking.runs import entry_point_run
+from pipelines.training.preflight import preflight
 
 
 def build_parser() -> argparse.ArgumentParser:

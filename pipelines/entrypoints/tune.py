@@ -5,8 +5,8 @@ configuration for every trial; the search space overrides the rest.
 """
 from __future__ import annotations
 
-import logging
 import argparse
+import logging
 import sys
 from typing import Sequence
 
@@ -14,12 +14,17 @@ from pipelines.config_cli import add_config_arguments, config_from_args
 from pipelines.entrypoints.command_line import CommandParser, add_flag, add_run_arguments, integer, number
 from pipelines.entrypoints.common import run_main
 from pipelines.metrics import OBJECTIVES
-from pipelines.training.preflight import preflight
-from pipelines.tracking.runs import entry_point_run
 from pipelines.studies.settings import DEFAULT_TRIALS, PRUNERS, SAMPLERS, TRIAL_ARTIFACTS, StudySettings
 from pipelines.studies.tune import prepare_study, run_study
-from pipelines.studies.workers import (STOP_AT_TRIALS_FLAG, WORKER_INDEX_FLAG, WORKER_OF_FLAG, coordinate_workers,
-                                      run_as_worker)
+from pipelines.studies.workers import (
+    STOP_AT_TRIALS_FLAG,
+    WORKER_INDEX_FLAG,
+    WORKER_OF_FLAG,
+    coordinate_workers,
+    run_as_worker,
+)
+from pipelines.tracking.runs import entry_point_run
+from pipelines.training.preflight import preflight
 from search_spaces import resolve_space, space_names
 
 log = logging.getLogger(__name__)

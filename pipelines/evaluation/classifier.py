@@ -23,7 +23,14 @@ from cvae.classifier_net import ImageClassifier
 from cvae.evaluation import frechet_distance
 from pipelines.config import DataConfig
 from pipelines.data import SplitData, as_unit_floats, load_splits
-from pipelines.tracking.runs import REPO_ROOT, RunLogger, end_run_for, new_logged_model, resolve_experiment_id, start_run
+from pipelines.tracking.runs import (
+    REPO_ROOT,
+    RunLogger,
+    end_run_for,
+    new_logged_model,
+    resolve_experiment_id,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 

@@ -20,22 +20,21 @@ active units, KL per dimension, collapse, and the sample accuracy of one batch o
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
-
 import math
+from dataclasses import replace
 
 import torch
 
 from cvae import CVAE, gaussian_kl
 from cvae.evaluation import active_units, iwae_nll, unit_activity
 from cvae.likelihood import bits_per_dim, is_exact, likelihood_kind
-from pipelines.evaluation.classifier import DEFAULT_EPOCHS, accuracy, get_classifier, judge_samples
 from pipelines.config import DataConfig, RunConfig, flatten
 from pipelines.data import Batcher, DatasetSplits, SplitData, as_unit_floats, load_splits
+from pipelines.evaluation.classifier import DEFAULT_EPOCHS, accuracy, get_classifier, judge_samples
 from pipelines.metrics import BITS_PER_DIM_SUFFIX, IWAE_NLL, LIKELIHOOD_KIND_TAG, iwae_metric, run_likelihood_kind
-from pipelines.training.execution import seed_everything
 from pipelines.models.model_resolution import ResolvedModel, load_cvae
 from pipelines.tracking.runs import RunLogger
+from pipelines.training.execution import seed_everything
 from pipelines.training.train import evaluate_split
 
 log = logging.getLogger(__name__)

@@ -7,13 +7,13 @@ import logging
 import os
 import tempfile
 
+import mlflow.pytorch
 import numpy as np
 import torch
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import Schema, TensorSpec
 
-import mlflow.pytorch
 from cvae import CVAE
 from pipelines.config import RunConfig, flatten
 from pipelines.tracking.runs import REPO_ROOT, RunLogger, new_logged_model
@@ -63,9 +63,9 @@ def log_model(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInfo:
 def log_generator(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInfo:
     """Log the generator pyfunc (labels in, images out) as its own LoggedModel, GENERATOR_NAME,
     and tag the run with its URI (`generator_model_uri`) so `mlflow models serve` can find it."""
+    import mlflow.pyfunc
     from mlflow.models import Model
 
-    import mlflow.pyfunc
     from pipelines.data import DATASETS
     from pipelines.models import generator_model
 

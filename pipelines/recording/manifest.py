@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import platform
 import json
+import platform
 import subprocess
 import tempfile
 from typing import TYPE_CHECKING, Mapping
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 
 from pipelines.config import RunConfig, to_dict
-from pipelines.training.execution import device_description, hardware_description
 from pipelines.tracking.runs import REPO_ROOT, RunLogger, command_line, git_commit
+from pipelines.training.execution import device_description, hardware_description
 from pipelines.training.train import TrainResult
 
 if TYPE_CHECKING:

@@ -13,10 +13,10 @@ import matplotlib.pyplot as plt
 import torch
 
 from cvae import CVAE
-from pipelines.recording import figures
 from pipelines.data import STATIC_BINARIZATION_THRESHOLD as BINARIZATION_THRESHOLD
 from pipelines.data import Batcher, DatasetSplits, as_unit_floats
 from pipelines.presets import notebook_of
+from pipelines.recording import figures
 
 Builders = dict[str, Callable[[], plt.Figure]]
 

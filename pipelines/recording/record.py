@@ -20,8 +20,8 @@ import torch
 from pipelines.config import RunConfig
 from pipelines.data import DatasetSplits, SplitData
 from pipelines.evaluation.evaluate import log_training_evaluation, run_likelihood_kind, with_bits_per_dim
-from pipelines.recording.manifest import log_manifest
 from pipelines.models.model_io import log_generator, log_model
+from pipelines.recording.manifest import log_manifest
 from pipelines.recording.run_description import describe_run
 from pipelines.recording.run_figures import figure_builders
 from pipelines.tracking.runs import RunLogger

@@ -7,8 +7,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from cvae import CVAE
-from pipelines.recording import figures
 from pipelines.data import Batcher, DatasetSplits
+from pipelines.recording import figures
 from pipelines.recording.preset_figures import preset_figure_builders, split_latents
 
 SCATTER_POINTS = 5000

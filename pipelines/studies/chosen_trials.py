@@ -20,9 +20,9 @@ from optuna.trial import FrozenTrial, TrialState
 from pipelines.config import RunConfig, from_params
 from pipelines.data import Batcher, DatasetSplits, load_splits
 from pipelines.recording.record import BEST_TRIAL, DETAIL_TAG, FULL, record_run
+from pipelines.studies.trial_runs import RUN_ID_ATTR
 from pipelines.tracking.runs import RunLogger
 from pipelines.training.train import KEPT_EPOCH_METRIC, TrainResult
-from pipelines.studies.trial_runs import RUN_ID_ATTR
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from pipelines.config import RunConfig, with_overrides
 from pipelines.data import DatasetSplits
 from pipelines.metrics import OBJECTIVES
 from pipelines.recording.record import FULL, TRIAL, record_run
+from pipelines.recording.run_description import name_trial
 from pipelines.studies.pruning import epoch_reporter
 from pipelines.studies.sampling import SAMPLER_SEED_ATTR, trial_seed
 from pipelines.studies.settings import StudySettings
-from pipelines.recording.run_description import name_trial
 from pipelines.studies.trial_runs import trial_run
 from pipelines.tracking.runs import RunLogger
 from pipelines.training.train import NonFiniteLossError, TrainResult, train

@@ -7,8 +7,8 @@ A trial keeps its run's id (``RUN_ID_ATTR``) and its parent's (``PARENT_RUN_ID_A
 """
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 from typing import Iterator
 
 import optuna

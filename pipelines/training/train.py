@@ -24,13 +24,21 @@ import cvae
 from cvae import CVAE, gaussian_kl, kl_weight_at, loss_from_means, monte_carlo_kl, negative_elbo
 from cvae.likelihood import likelihood_kind
 from pipelines.config import RunConfig, flatten
-from pipelines.errors import RunFailedError
 from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
-from pipelines.training.execution import (autocast, configure_determinism, configure_threads, device_description,
-                                 grad_scaler, is_deterministic, keep_freed_memory, resolve_device,
-                                 seed_everything)
+from pipelines.errors import RunFailedError
 from pipelines.tracking.datasets import log_dataset
 from pipelines.tracking.runs import RunLogger, git_commit
+from pipelines.training.execution import (
+    autocast,
+    configure_determinism,
+    configure_threads,
+    device_description,
+    grad_scaler,
+    is_deterministic,
+    keep_freed_memory,
+    resolve_device,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
