@@ -21,31 +21,6 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-@pytest.fixture
-def in_process(store, monkeypatch, capsys):
-    """Runs an entry point's ``main`` in this process the way ``run_main`` does (same error
-    handling and exit codes), against ``store``: seconds instead of a new interpreter each time."""
-    import mlflow
-
-    from pipelines.entrypoints.common import exit_code
-    from pipelines.tracking.runs import configure_tracking
-
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "CVAE_DATA_DIR", "CVAE_OFFLINE"):
-        monkeypatch.setenv(name, store.env[name])
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.chdir(store.root)
-    previous = mlflow.get_tracking_uri()
-    configure_tracking()
-
-    def run(main, *argv: str) -> tuple[int, str]:
-        capsys.readouterr()
-        code = exit_code(main, list(argv))
-        return code, capsys.readouterr().err
-
-    yield run
-    mlflow.set_tracking_uri(previous)
-
-
 BAD_NUMBERS = [
     ("--lr", "inf", "error: optim.lr=inf is not valid; expected a finite number > 0"),
     ("--kl-weight", "nan", "error: objective.kl_weight=nan is not valid; expected a finite number >= 0"),

@@ -14,7 +14,14 @@ from pipelines.config_cli import add_config_arguments, config_from_args
 from pipelines.entrypoints.command_line import CommandParser, add_flag, add_run_arguments, integer, number
 from pipelines.entrypoints.common import run_main
 from pipelines.metrics import OBJECTIVES
-from pipelines.studies.settings import DEFAULT_TRIALS, PRUNERS, SAMPLERS, TRIAL_ARTIFACTS, StudySettings
+from pipelines.studies.settings import (
+    DEFAULT_TRIALS,
+    PRUNERS,
+    SAMPLERS,
+    TRIAL_ARTIFACTS,
+    StudySettings,
+    check_model_name,
+)
 from pipelines.studies.tune import prepare_study, run_study
 from pipelines.studies.workers import (
     STOP_AT_TRIALS_FLAG,
@@ -94,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace, seed: int) -> StudySettings:
     register_as = (args.register_as or "").strip() or args.study
+    if not (args.register_as or "").strip():  # said as what the user gave: the study name
+        check_model_name(register_as, "the study name, which names the registered model when --register-as is "
+                         "not given", f"; give --register-as NAME, or --register-as {NO_REGISTRATION} to register "
+                         "nothing")
     return StudySettings(
         name=args.study, storage=args.storage, space=args.space, objectives=args.objectives, sampler=args.sampler,
         sampler_seed=seed if args.sampler_seed is None else args.sampler_seed, pruner=args.pruner,

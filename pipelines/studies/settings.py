@@ -5,9 +5,13 @@ defaults are the only ones: the `tune` command line leaves out what the user did
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from cvae.config import require, require_choice
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import _validate_model_name
+
+from cvae.config import ConfigError, require, require_choice
 from pipelines.metrics import DEFAULT_OBJECTIVE, OBJECTIVES, objective_name
 from pipelines.studies.storage import display_url
 
@@ -20,6 +24,19 @@ DEFAULT_TRIALS = 20
 # manifest, and gives figures, test metrics, evaluation and the generator to the chosen trials only;
 # "all" records everything for every trial.
 TRIAL_ARTIFACTS = ("best", "all")
+REGISTERED_MODEL = "the registered model's name"
+
+
+def check_model_name(name: str, what: str = REGISTERED_MODEL, hint: str = "") -> None:
+    """Refuse, before any trial, a registered-model name MLflow's registry would refuse when the
+    study ends (``/`` or ``:``, a path like ``..``): its own check, said in one line."""
+    try:
+        _validate_model_name(name)
+    except MlflowException as error:
+        reason = re.sub(r"^Invalid (?:model name|name:?) '.*?'\.\s*|^Invalid value .*? supplied:\s*", "",
+                        error.message.splitlines()[0]).rstrip(".")
+        raise ConfigError(f"register_as={name!r} is not valid ({what}): {reason[:1].lower()}{reason[1:]}"
+                          f"{hint}") from None
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,8 @@ class StudySettings:
         require(self.heartbeat_grace_s >= 2, "heartbeat_grace", self.heartbeat_grace_s, "an integer >= 2 (seconds)")
         require_choice("trial_artifacts", self.trial_artifacts, TRIAL_ARTIFACTS)
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
+        if self.register_as:
+            check_model_name(self.register_as)
 
     @property
     def multi_objective(self) -> bool:
