@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import struct
-from dataclasses import dataclass
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +28,8 @@ import torch
 from cvae.config import ConfigError
 from pipelines.config import DataConfig
 from pipelines.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,14 @@ class DatasetSplits:
 
 
 def resolve_root(config: DataConfig) -> Path:
+    """The data root; a ``data_dir`` the user names must exist (a typo must not fall back to other data)."""
+    if config.data_dir:
+        given = Path(config.data_dir).expanduser()
+        if given.is_file():
+            raise ConfigError(f"data.data_dir={config.data_dir!r} is not valid; it is a file, not a directory")
+        if not given.is_dir():
+            raise ConfigError(f"data.data_dir={config.data_dir!r} is not valid; no such directory (create it "
+                              "to download the data into it)")
     return Path(config.data_dir or os.environ.get("CVAE_DATA_DIR") or "data").expanduser().resolve()
 
 
@@ -191,11 +204,51 @@ def ensure_files(dataset: str, root: Path) -> dict[str, Path]:
         raise DataUnavailableError(_missing_message(dataset, root, reason)) from None
 
 
+def _compressed(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == GZIP_MAGIC
+
+
 def _open(path: Path):
     """Open an IDX file for reading whether or not it is gzip-compressed (judged by its bytes)."""
-    with open(path, "rb") as handle:
-        compressed = handle.read(2) == GZIP_MAGIC
-    return gzip.open(path, "rb") if compressed else open(path, "rb")
+    return gzip.open(path, "rb") if _compressed(path) else open(path, "rb")
+
+
+@contextmanager
+def _reading(path: Path):
+    """A file that cannot be read (cut short, damaged) named in one line instead of a traceback."""
+    try:
+        yield
+    except EOFError as error:
+        raise DataUnavailableError(f"{path} cannot be read: {error}; the file is truncated") from None
+    except (OSError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise DataUnavailableError(f"{path} cannot be read: {error}; the file is damaged") from None
+
+
+def _length_message(path: Path, shape: tuple[int, ...], data_bytes: int) -> str:
+    return (f"{path} holds {data_bytes} data bytes; its header declares {'x'.join(map(str, shape))} = "
+            f"{int(np.prod(shape))}: the file is truncated or damaged")
+
+
+def check_intact(path: Path, shape: tuple[int, ...]) -> None:
+    """Raise unless ``path`` holds as many bytes as its header declares. Cheap: an uncompressed
+    file's size, or a gzip file's trailer (its length mod 2**32); only when the trailer disagrees is
+    the file decompressed, to say what is wrong (a truncated file ends without a trailer)."""
+    expected = 4 + 4 * len(shape) + int(np.prod(shape))
+    with _reading(path):
+        if not _compressed(path):
+            actual = path.stat().st_size
+        else:
+            with open(path, "rb") as handle:
+                handle.seek(-4, os.SEEK_END)
+                if struct.unpack("<I", handle.read(4))[0] == expected % 2**32:
+                    return
+            actual = 0
+            with gzip.open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    actual += len(chunk)
+    if actual != expected:
+        raise DataUnavailableError(_length_message(path, shape, actual - (expected - int(np.prod(shape)))))
 
 
 def _parse_header(head: bytes, path: Path) -> tuple[int, ...]:
@@ -209,7 +262,7 @@ def _parse_header(head: bytes, path: Path) -> tuple[int, ...]:
 
 def idx_shape(path: Path) -> tuple[int, ...]:
     """The array shape an IDX file declares, from its header only (a few bytes decompressed)."""
-    with _open(path) as handle:
+    with _reading(path), _open(path) as handle:
         head = handle.read(4)
         return _parse_header(head + handle.read(4 * head[3] if len(head) == 4 else 0), path)
 
@@ -217,14 +270,13 @@ def idx_shape(path: Path) -> tuple[int, ...]:
 def read_idx(path: Path) -> tuple[np.ndarray, str]:
     """(array, SHA-256 of the uncompressed IDX bytes): the same data gives the same checksum
     whether it was read from a ``.gz`` or from an extracted copy."""
-    with _open(path) as handle:
+    with _reading(path), _open(path) as handle:
         content = handle.read()
     shape = _parse_header(content[: 4 + 4 * content[3]] if len(content) >= 4 else content, path)
     offset = 4 + 4 * len(shape)
     expected = int(np.prod(shape))
     if len(content) - offset != expected:
-        raise DataUnavailableError(f"{path} holds {len(content) - offset} data bytes; its header "
-                                   f"declares {'x'.join(map(str, shape))} = {expected}")
+        raise DataUnavailableError(_length_message(path, shape, len(content) - offset))
     array = np.frombuffer(content, dtype=np.uint8, offset=offset).reshape(shape)
     return array, hashlib.sha256(content).hexdigest()
 
@@ -259,9 +311,19 @@ def dataset_shape(config: DataConfig) -> tuple[tuple[int, int, int], int]:
 
 
 def check_available(config: DataConfig) -> None:
-    """Fail early (before any run is opened) when the data cannot be had or the configuration
-    asks for more images than it holds; checksums come later, when the files are read."""
-    split_sizes(config)
+    """Fail early (before any run is opened) when the data cannot be had, a file is cut short, or
+    the configuration asks for more images than it holds; warn when a limit exceeds the data.
+    Checksums come later, when the files are read."""
+    files = ensure_files(config.dataset, resolve_root(config))
+    sizes = _checked_sizes(replace(config, limit_train=0, limit_test=0), files)  # all there is
+    for name in IDX_NAMES:
+        check_intact(files[name], idx_shape(files[name]))
+    if config.limit_train > sizes["train"]:
+        log.warning(f"data.limit_train={config.limit_train} is more than the {sizes['train']} train images of "
+                    f"{config.dataset} (less data.val_size={config.val_size}): using all {sizes['train']}")
+    if config.limit_test > sizes["test"]:
+        log.warning(f"data.limit_test={config.limit_test} is more than the {sizes['test']} test images of "
+                    f"{config.dataset}: using all {sizes['test']}")
 
 
 def load_splits(config: DataConfig, device: torch.device) -> DatasetSplits:

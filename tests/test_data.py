@@ -2,10 +2,8 @@
 binarization, batches, and the split sizes known from the headers before any run."""
 import gzip
 import hashlib
-import struct
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,25 +11,6 @@ from conftest import FASHION_DIR
 from cvae.config import ConfigError
 from pipelines.config import DataConfig
 from pipelines.data import Batcher, DataUnavailableError, check_available, load_splits, split_sizes
-
-
-def write_idx(path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture
-def tiny_mnist(tmp_path):
-    """A 120/40-image MNIST in torchvision's raw layout, written by the test itself."""
-    rng = np.random.default_rng(0)
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    write_idx(raw / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (120, 28, 28)))
-    write_idx(raw / "train-labels-idx1-ubyte.gz", np.arange(120) % 10)
-    write_idx(raw / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
-    write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.arange(40) % 10)
-    return tmp_path
 
 
 def test_own_idx_files_load_with_deterministic_split(tiny_mnist):
@@ -84,19 +63,55 @@ def test_compressed_and_extracted_files_give_the_same_data_and_checksums(tiny_mn
 
 
 def test_split_sizes_come_from_the_headers_and_reject_an_impossible_validation_split(tiny_mnist):
-    raw = tiny_mnist / "MNIST" / "raw"
-    # Cut the training images short after their header: the sizes need only the header ...
-    with gzip.open(raw / "train-images-idx3-ubyte.gz") as handle:
-        header = handle.read(16)
-    with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb") as handle:
-        handle.write(header + b"\0" * 100)
-    config = DataConfig(dataset="mnist", data_dir=str(tiny_mnist), val_size=20, limit_train=50, limit_test=1000)
-    assert split_sizes(config) == {"train": 50, "val": 20, "test": 40}
+    config = DataConfig(dataset="mnist", data_dir=str(tiny_mnist), val_size=20, limit_train=50, limit_test=30)
+    assert split_sizes(config) == {"train": 50, "val": 20, "test": 30}
     with pytest.raises(ConfigError, match=r"^data.val_size=120 is not valid; expected fewer than the 120 training"):
         check_available(replace(config, val_size=120))
-    # ... while reading the images notices the damage.
-    with pytest.raises(DataUnavailableError, match="holds 100 data bytes"):
-        load_splits(config, torch.device("cpu"))
+
+
+def test_a_truncated_file_is_named_before_any_image_is_read(tiny_mnist):
+    """A download cut short, compressed or not, and a file rewritten shorter than its header says:
+    refused by the check made before a run exists, naming the file."""
+    raw = tiny_mnist / "MNIST" / "raw"
+    config = DataConfig(dataset="mnist", data_dir=str(tiny_mnist), val_size=20)
+    images = raw / "train-images-idx3-ubyte.gz"
+    whole = images.read_bytes()
+    images.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataUnavailableError, match=f"^{images} cannot be read: Compressed file ended before the "
+                                                   "end-of-stream marker was reached; the file is truncated"):
+        check_available(config)
+    with gzip.open(images, "wb") as handle:  # a whole gzip stream, but of fewer bytes than declared
+        handle.write(gzip.decompress(whole)[:16 + 100])
+    with pytest.raises(DataUnavailableError, match=f"^{images} holds 100 data bytes; its header declares "
+                                                   "120x28x28 = 94080: the file is truncated or damaged"):
+        check_available(config)
+    images.write_bytes(whole)
+    labels = raw / "t10k-labels-idx1-ubyte.gz"
+    labels.with_suffix("").write_bytes(gzip.decompress(labels.read_bytes())[:-1])  # uncompressed, one byte short
+    labels.unlink()
+    with pytest.raises(DataUnavailableError, match=f"^{labels.with_suffix('')} holds 39 data bytes"):
+        check_available(config)
+
+
+def test_limits_above_the_data_are_told_and_the_whole_split_is_used(tiny_mnist, caplog):
+    config = DataConfig(dataset="mnist", data_dir=str(tiny_mnist), val_size=20, limit_train=1000, limit_test=50)
+    with caplog.at_level("WARNING", logger="pipelines.data"):
+        check_available(config)
+    assert caplog.messages == [
+        "data.limit_train=1000 is more than the 100 train images of mnist (less data.val_size=20): using all 100",
+        "data.limit_test=50 is more than the 40 test images of mnist: using all 40"]
+    splits = load_splits(config, torch.device("cpu"))
+    assert (len(splits.train), len(splits.test)) == (100, 40)
+
+
+def test_a_data_dir_that_does_not_exist_is_refused_not_passed_over(tmp_path, monkeypatch):
+    monkeypatch.setenv("CVAE_OFFLINE", "1")  # Debian's Fashion-MNIST would otherwise be used instead
+    missing = tmp_path / "typo"
+    with pytest.raises(ConfigError, match=f"^data.data_dir='{missing}' is not valid; no such directory"):
+        check_available(DataConfig(dataset="fashion-mnist", data_dir=str(missing)))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is not valid; it is a file"):
+        check_available(DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path / "file")))
 
 
 def test_a_file_that_is_not_idx_is_named(tiny_mnist):
