@@ -79,7 +79,7 @@ class CommandParser(argparse.ArgumentParser):
         for name in unknown:
             suggestion = closest_option(name, self.known_options())
             parts.append(f"unknown parameter {option_label(name)}; "
-                         + (f"did you mean {option_label(suggestion)}?" if suggestion
+                         + (f"did you mean {option_label(suggestion, suggested=True)}?" if suggestion
                             else "see --help for the parameters"))
         return "; ".join(parts)
 

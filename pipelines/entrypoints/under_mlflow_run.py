@@ -37,9 +37,13 @@ def started_by_mlflow_run() -> bool:
     return bool(os.environ.get(RUN_ID_ENV))
 
 
-def option_label(option: str) -> str:
-    """How to name ``--option`` to the user: as the ``-P`` key under `mlflow run` (4.)."""
-    return option.lstrip("-") if started_by_mlflow_run() else option
+def option_label(option: str, suggested: bool = False) -> str:
+    """How to name ``--option`` to the user: as the ``-P`` key under `mlflow run` (4.). An option
+    ``suggested`` to the user is spelt as MLproject names its key (``latent_dim``, not ``latent-dim``)."""
+    if not started_by_mlflow_run():
+        return option
+    key = option.lstrip("-")
+    return key.replace("-", "_") if suggested else key
 
 
 def fail_pending_run(message: str, status: str) -> None:
