@@ -164,3 +164,77 @@ def test_generator_caps_the_rows_per_request_at_its_setting(generator):
     with pytest.raises(GenerationRequestError, match=r"^6 rows requested; this generator answers at most 5 rows "
                                                      r"per request \(max_rows_per_request in its spec\)"):
         generator.predict(None, pd.DataFrame({"label": [0] * 6}))
+
+
+@pytest.fixture(scope="module")
+def scoring_app(tmp_path_factory):
+    """MLflow's own scoring path (what `mlflow models serve` runs for /invocations: parsing each
+    request form, enforcing the signature, predicting) on the generator pyfunc of a tiny model,
+    saved and loaded by MLflow, in-process; its MlflowException is the server's HTTP 400."""
+    import json
+
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    import cvae
+    from cvae import ModelConfig
+    from pipelines.models import generator_model
+
+    tmp = tmp_path_factory.mktemp("scoring")
+    torch.manual_seed(0)
+    model = cvae.build(ModelConfig(latent_dim=2, hidden=(8,)), (1, 28, 28), 10)
+    torch.save(model.state_dict(), tmp / "weights.pt")
+    (tmp / "spec.json").write_text(json.dumps(generator_spec(model, [str(k) for k in range(10)])))
+    mlflow.pyfunc.save_model(tmp / "generator", python_model=generator_model.__file__,
+                             artifacts={generator_model.WEIGHTS_ARTIFACT: str(tmp / "weights.pt"),
+                                        generator_model.SPEC_ARTIFACT: str(tmp / "spec.json")},
+                             code_paths=[str(Path(cvae.__file__).parent)],
+                             signature=generator_model.generator_signature(model))
+    loaded = mlflow.pyfunc.load_model(str(tmp / "generator"))
+    schema = loaded.metadata.get_input_schema()
+
+    def no_constants(name: str):
+        raise AssertionError(f"the answer holds {name}, which is not JSON")
+
+    def post(payload: dict) -> tuple[int, dict]:
+        try:
+            answer = scoring_server.invocations(json.dumps(payload), "application/json", loaded, schema)
+        except MlflowException as error:  # what the server answers with HTTP 400
+            return 400, {"message": error.message}
+        return answer.status, json.loads(answer.response, parse_constant=no_constants)
+
+    return post
+
+
+def test_every_mlflow_request_form_gets_the_same_images(scoring_app):
+    z = [[0.5, -1.0], [0.0, 2.0]]
+    forms = [{"dataframe_records": [{"label": 3, "z": z[0]}, {"label": 9, "z": z[1]}]},
+             {"dataframe_split": {"columns": ["label", "z"], "data": [[3, z[0]], [9, z[1]]]}},
+             {"instances": [{"label": 3, "z": z[0]}, {"label": 9, "z": z[1]}]},
+             {"inputs": [{"label": 3, "z": z[0]}, {"label": 9, "z": z[1]}]},
+             {"inputs": {"label": [3, 9], "z": z}},
+             {"inputs": {"label": [3.0, 9.0], "z": z}}]  # 3.0 as some clients write 3, like generate --labels
+    answers = []
+    for payload in forms:
+        status, body = scoring_app(payload)
+        assert status == 200, (payload, body)
+        answers.append(np.asarray(body["predictions"]))
+    assert answers[0].shape == (2, 1, 28, 28)
+    for answer in answers[1:]:
+        np.testing.assert_array_equal(answer, answers[0])
+    status, body = scoring_app({"inputs": {"label": [3, 9]}})  # z drawn: two images still
+    assert status == 200 and np.asarray(body["predictions"]).shape == (2, 1, 28, 28)
+
+
+def test_a_latent_that_would_decode_to_nan_is_refused_not_answered(scoring_app, generator):
+    import pandas as pd
+
+    for payload in ({"dataframe_records": [{"label": 3, "z": [1e39, 0.0]}]}, {"inputs": {"label": [3], "z": [[1e39, 0]]}}):
+        status, body = scoring_app(payload)
+        assert status == 400 and ("z in row 0 is not valid; expected 2 finite floats (the model's latent_dim), got "
+                                  "values beyond float32's range") in body["message"], body
+    with torch.no_grad():
+        next(generator.model.decoder.parameters()).fill_(float("nan"))  # any route to non-finite pixels
+    with pytest.raises(GenerationRequestError, match=r"^z in row\(s\) 0, 1 decodes to non-finite pixels"):
+        generator.predict(None, pd.DataFrame({"label": [1, 2]}))

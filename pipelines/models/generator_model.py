@@ -25,7 +25,7 @@ from mlflow.models import ModelSignature, set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import Schema, TensorSpec
-from mlflow.types.schema import AnyType, Array, ColSpec
+from mlflow.types.schema import AnyType, ColSpec
 
 import cvae
 from cvae import CVAE, ModelConfig
@@ -36,6 +36,7 @@ DEFAULT_MAX_ROWS = 1000
 # The spec travels as an artifact, not as MLflow's model_config: MLflow would also log every
 # model_config entry as a run param, duplicating the run's configuration under other names.
 SPEC_ARTIFACT = "spec"
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # z is decoded in float32: larger values become inf
 
 
 class GenerationRequestError(MlflowException):
@@ -55,8 +56,10 @@ def generator_spec(model: CVAE, class_names: list[str], max_rows_per_request: in
 def generator_signature(model: CVAE) -> ModelSignature:
     # `label` is typed Any, not long: with long, MLflow's scoring server casts the JSON to int64
     # while parsing it (3.5 -> 3, "3" -> 3, true -> 1) before we can refuse it; _class_id checks it.
+    # `z` is Any too, not Array(double): MLflow cannot check an array column given in the columnar
+    # `inputs`/`instances` form ({"z": [[...], [...]]}) and refused it; _latents checks each vector.
     inputs = Schema([ColSpec(AnyType(), "label", required=model.conditional),
-                     ColSpec(Array("double"), "z", required=False)])
+                     ColSpec(AnyType(), "z", required=False)])
     outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *model.image_shape), "images")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
@@ -80,6 +83,29 @@ def _class_id(value, num_classes: int) -> int | None:
 
 def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def _as_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """A row per request row, whichever of MLflow's request forms was used. ``dataframe_records``
+    and ``dataframe_split`` arrive as rows; ``inputs`` and ``instances`` in the columnar form
+    (``{"label": [3, 9], "z": [[...], [...]]}``) arrive as one row whose cells hold whole columns
+    (the signature's Any types keep them whole): those are spread back into rows."""
+    if len(frame) != 1:
+        return frame
+    cells = frame.iloc[0]
+    label, z = cells.get("label"), cells.get("z")
+    if not (_is_list(label) or (_is_list(z) and len(z) > 0 and _is_list(z[0]))):
+        return frame
+    columns = {name: list(cells[name]) if _is_list(cells[name]) else [cells[name]] for name in frame.columns}
+    lengths = {name: len(column) for name, column in columns.items()}
+    if len(set(lengths.values())) != 1:
+        raise GenerationRequestError(f"the request's columns differ in length ({lengths}); give a label "
+                                     "(and optionally a z) per row")
+    return pd.DataFrame(columns)
 
 
 class GeneratorModel(PythonModel):
@@ -120,15 +146,17 @@ class GeneratorModel(PythonModel):
                 vector = np.asarray(value, dtype=np.float64).reshape(-1)
             except (TypeError, ValueError):
                 vector = None
-            if vector is None or vector.shape[0] != dim or not np.isfinite(vector).all():
-                got = "something else" if vector is None else f"{vector.shape[0]} values"
+            if (vector is None or vector.shape[0] != dim or not np.isfinite(vector).all()
+                    or (np.abs(vector) > FLOAT32_MAX).any()):
+                got = ("something else" if vector is None else f"{vector.shape[0]} values" if vector.shape[0] != dim
+                       else "values beyond float32's range" if np.isfinite(vector).all() else "a non-finite value")
                 raise GenerationRequestError(f"z in row {row} is not valid; expected {dim} finite floats "
                                              f"(the model's latent_dim), got {got}")
             z[row] = torch.from_numpy(vector).float()
         return z
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        frame = _as_rows(model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input))
         if len(frame) > self.max_rows:
             raise GenerationRequestError(f"{len(frame)} rows requested; this generator answers at most "
                                          f"{self.max_rows} rows per request (max_rows_per_request in its "
@@ -136,8 +164,12 @@ class GeneratorModel(PythonModel):
         labels = self._labels(frame)
         z = self._latents(frame)
         with torch.no_grad():
-            images = self.model.mean_image(self.model.decode(z, labels))
-        return images.float().numpy()
+            images = self.model.mean_image(self.model.decode(z, labels)).float()
+        bad = (~torch.isfinite(images.flatten(1))).any(dim=1).nonzero().flatten().tolist()
+        if bad:  # NaN is not JSON: an answer with it would be a 200 no client can read
+            raise GenerationRequestError(f"z in row(s) {', '.join(map(str, bad[:10]))} decodes to non-finite "
+                                         "pixels; give latent vectors of moderate size (z ~ N(0, I))")
+        return images.numpy()
 
 
 # MLflow's models-from-code loader takes the model from here when it executes this file.
