@@ -226,6 +226,7 @@ def load_original(client, run_id: str) -> tuple[dict, dict[str, torch.Tensor] | 
 
     from pipelines.errors import UserError
     from pipelines.recording.manifest import ManifestNotFoundError, load_manifest
+    from pipelines.recording.record import DETAIL_TAG
 
     if not run_id.strip():
         raise UserError("run_id='' is not valid; expected the id of a logged MLflow run")
@@ -237,6 +238,9 @@ def load_original(client, run_id: str) -> tuple[dict, dict[str, torch.Tensor] | 
     try:
         manifest = {**load_manifest(client, run_id), "run_id": run_id}
     except ManifestNotFoundError as error:
+        if DETAIL_TAG in run.data.tags:  # recorded by this harness: its manifest was there, its artifacts are gone
+            raise UserError(f"{error}: its artifacts are missing from {run.info.artifact_uri} (deleted or moved); "
+                            "a run cannot be reproduced without its manifest") from None
         raise UserError(f"{error}; only runs logged by this harness (train entry point or a study "
                         "trial) can be reproduced") from None
     model_uri = manifest.get("results", {}).get("model_uri") or run.data.tags.get("model_uri")

@@ -1,6 +1,7 @@
 """Shared fixtures: a throw-away MLflow store per test, and helpers that run the real entry points."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import struct
@@ -76,17 +77,21 @@ def write_idx(path, array: np.ndarray) -> None:
         handle.write(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.fixture
-def tiny_mnist(tmp_path):
-    """A 120/40-image MNIST in torchvision's raw layout, written by the test itself."""
+def make_tiny_mnist(root: Path) -> Path:
+    """A 120/40-image MNIST in torchvision's raw layout under ``root``, written by the test itself."""
     rng = np.random.default_rng(0)
-    raw = tmp_path / "MNIST" / "raw"
+    raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     write_idx(raw / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (120, 28, 28)))
     write_idx(raw / "train-labels-idx1-ubyte.gz", np.arange(120) % 10)
     write_idx(raw / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28)))
     write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.arange(40) % 10)
-    return tmp_path
+    return root
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    return make_tiny_mnist(tmp_path)
 
 
 @dataclass
@@ -151,10 +156,11 @@ def store(tmp_path, data_dir) -> Store:
     return make_store(tmp_path, data_dir)
 
 
-@pytest.fixture
-def in_process(store, monkeypatch, capsys):
+@contextlib.contextmanager
+def in_process_on(store: Store, monkeypatch: pytest.MonkeyPatch, capsys=None):
     """Runs an entry point's ``main`` in this process the way ``run_main`` does (same error
-    handling and exit codes), against ``store``: seconds instead of a new interpreter each time."""
+    handling and exit codes), against ``store``: seconds instead of a new interpreter each time.
+    Yields ``run(main, *argv) -> (exit code, stderr)`` (stderr only when ``capsys`` is given)."""
     import mlflow
 
     from pipelines.entrypoints.common import exit_code
@@ -168,12 +174,22 @@ def in_process(store, monkeypatch, capsys):
     configure_tracking()
 
     def run(main, *argv: str) -> tuple[int, str]:
-        capsys.readouterr()
+        if capsys is not None:
+            capsys.readouterr()
         code = exit_code(main, list(argv))
-        return code, capsys.readouterr().err
+        return code, capsys.readouterr().err if capsys is not None else ""
 
-    yield run
-    mlflow.set_tracking_uri(previous)
+    try:
+        yield run
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture
+def in_process(store, monkeypatch, capsys):
+    """``in_process_on`` the test's own ``store``."""
+    with in_process_on(store, monkeypatch, capsys) as run:
+        yield run
 
 
 SHARED_RUN_LATENT_DIM = 4

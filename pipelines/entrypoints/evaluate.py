@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 from dataclasses import replace
 from typing import Sequence
 
@@ -13,8 +14,9 @@ from pipelines.config import ExecutionConfig
 from pipelines.data import check_available
 from pipelines.entrypoints.command_line import CommandParser, add_flag, add_run_arguments, integer
 from pipelines.entrypoints.common import run_main
-from pipelines.evaluation.evaluate import evaluate_model, summary_line
+from pipelines.evaluation.evaluate import evaluate_model, iwae_memory_bytes, summary_line
 from pipelines.training.execution import resolve_device
+from pipelines.training.preflight import check_fits
 
 # The options' defaults are evaluate_model's own.
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(evaluate_model).parameters.items()}
@@ -48,11 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(ExecutionConfig(device=args.device))
-    from pipelines.models.model_resolution import resolve_model
+    from pipelines.models.model_resolution import load_cvae, resolve_model
 
     resolved = resolve_model(args.model_uri)
     data = resolved.config.data
     check_available(replace(data, data_dir=args.data_dir) if args.data_dir else data)
+    model = load_cvae(resolved, device)  # a model whose files are gone stops here, before a run exists
+    check_fits("k", args.k, iwae_memory_bytes(args.k, args.images_per_pass, math.prod(model.image_shape)),
+               f"{args.k:,} importance samples per image", device, "choose a smaller --k")
     from pipelines.recording.run_description import run_name
     from pipelines.tracking.runs import entry_point_run
 
@@ -60,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = evaluate_model(resolved, device, logger, k=args.k, limit_test=args.limit_test,
                                  data_dir=args.data_dir, images_per_pass=args.images_per_pass, seed=args.seed,
                                  classifier_train_size=args.classifier_train_size,
-                                 classifier_epochs=args.classifier_epochs)
+                                 classifier_epochs=args.classifier_epochs, model=model)
     print(summary_line(logger.run_id, resolved.model_uri, metrics))
     return 0
 

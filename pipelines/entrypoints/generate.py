@@ -3,6 +3,7 @@ logged to a new MLflow run as ``generated/samples.png`` and optionally written t
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,36 +14,45 @@ from pipelines.entrypoints.command_line import CommandParser, add_run_arguments,
 from pipelines.entrypoints.common import run_main
 from pipelines.errors import UserError
 from pipelines.training.execution import resolve_device
+from pipelines.training.preflight import check_fits
 
 GRID_ARTIFACT = "generated/samples.png"
 GRID_PADDING = 2  # pixels between tiles, torchvision's make_grid default
+# About the memory a generated image takes, per pixel: the decoder's activations (a few float32 per
+# pixel for these nets), the float32 sample, the grid's three float32 channels and its 8-bit copies.
+BYTES_PER_GENERATED_PIXEL = 40
 
 
 def parse_labels(text: str, class_names: Sequence[str]) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]; '' -> every class. Each label must be a class id of the dataset."""
+    """'0,1,2' -> [0, 1, 2]; '' -> every class. Each label must be a class id of the dataset, an
+    integer also when written 3.0, as the served generator takes it (and `integer` every count)."""
     valid = f"class ids 0..{len(class_names) - 1} ({', '.join(class_names)})"
     if not text.strip():
         return list(range(len(class_names)))
     labels = []
     for part in text.replace(" ", "").split(","):
-        if not part.lstrip("-").isdigit() or not 0 <= int(part) < len(class_names):
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value.is_integer() and 0 <= value < len(class_names)):
             raise UserError(f"labels={text!r} is not valid: {part!r} is not a class of this model; "
                             f"expected comma-separated {valid}")
-        labels.append(int(part))
+        labels.append(int(value))
     return labels
 
 
 def writable_output(text: str) -> Path | None:
     """The ``--output`` path, checked before anything is loaded or logged: its folder must exist
-    or be creatable, and the file must be writable there (None when no output was asked for)."""
+    (a typo must not make folders) and the file must be writable there (None when no output was asked for)."""
     if not text.strip():
         return None
     path = Path(text).expanduser().absolute()
     if path.is_dir():
         raise UserError(f"output={text!r} is not valid; it is a directory: expected a file path, e.g. grid.png")
     folder = path.parent
-    while not folder.exists():  # the nearest existing folder is where the missing ones would be made
-        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"output={text!r} is not valid; no such folder: {folder} (create it first)")
     try:  # try it for real: permission bits say nothing for root or on read-only mounts
         if path.exists():
             with open(path, "ab"):
@@ -86,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     class_names = list(DATASETS[resolved.config.data.dataset].classes)
     model = load_cvae(resolved, device)
     labels = parse_labels(args.labels, class_names[: model.num_classes])
+    rows = len(labels) if model.conditional else 1
+    check_fits("n", n, rows * n * math.prod(model.image_shape) * BYTES_PER_GENERATED_PIXEL,
+               f"{rows} row(s) of {n:,} images", device, "choose a smaller --n or fewer --labels")
     generator = torch.Generator(device=device).manual_seed(seed)
     if model.conditional:
         images = model.sample(torch.tensor(labels, device=device), n, generator=generator)
@@ -101,7 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.set_tags({"generated_from": resolved.model_uri, "source_run_id": resolved.source_run_id or ""})
         logger.log_artifact(str(grid), str(Path(GRID_ARTIFACT).parent))
         if output:
-            output.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(grid, output)
     print(f"generate run {logger.run_id}: {len(rows)} x {n} grid ({'; '.join(rows)}) from {resolved.model_uri} "
           f"-> {GRID_ARTIFACT}" + (f" and {args.output}" if args.output else ""))

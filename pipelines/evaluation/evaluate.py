@@ -44,6 +44,14 @@ DEFAULT_IWAE_K = 1000
 TRAINING_IWAE_K = 10
 IWAE_BATCH = 250  # test images per IWAE batch: under the mmap limit, as train.EVAL_BATCH
 DEFAULT_IMAGES_PER_PASS = 10_000  # decoded images held at once: k is split into chunks to fit
+# The IWAE keeps k float64 log-weights per test image of a batch, twice while they are concatenated.
+IWAE_BYTES_PER_SAMPLE = IWAE_BATCH * 8 * 2
+
+
+def iwae_memory_bytes(k: int, images_per_pass: int, pixels: int) -> int:
+    """About the memory the IWAE estimate holds at once: the log-weights of a batch, and the decoded
+    images of a pass with their inputs (float32)."""
+    return k * IWAE_BYTES_PER_SAMPLE + min(images_per_pass, k * IWAE_BATCH) * pixels * 4 * 3
 ACTIVE_UNIT_THRESHOLD = 0.01
 MAX_KL_DIM_METRICS = 32  # above this, KL per dimension only goes to the JSON artifact
 SAMPLE_BATCH = 1000
@@ -156,8 +164,10 @@ def sample_quality_metrics(model: CVAE, splits: DatasetSplits, data: DataConfig,
 def evaluate_model(resolved: ResolvedModel, device: torch.device, logger: RunLogger | None = None,
                    k: int = DEFAULT_IWAE_K, limit_test: int | None = None, data_dir: str = "",
                    images_per_pass: int = DEFAULT_IMAGES_PER_PASS, seed: int = 0,
-                   classifier_train_size: int = 0, classifier_epochs: int = DEFAULT_EPOCHS) -> dict[str, float]:
-    """The full report for a logged model, logged to ``logger``'s run when given."""
+                   classifier_train_size: int = 0, classifier_epochs: int = DEFAULT_EPOCHS,
+                   model: CVAE | None = None) -> dict[str, float]:
+    """The full report for a logged model (``model``: the one ``resolved`` names, already loaded),
+    logged to ``logger``'s run when given."""
     config = resolved.config
     data = config.data
     if limit_test is not None:
@@ -166,7 +176,7 @@ def evaluate_model(resolved: ResolvedModel, device: torch.device, logger: RunLog
         data = replace(data, data_dir=data_dir)
     config = replace(config, data=data)
     seed_everything(seed)  # the ELBO's single-sample z draws from the global generators
-    model = load_cvae(resolved, device)
+    model = model if model is not None else load_cvae(resolved, device)
     splits = load_splits(data, device)
     batcher = Batcher(data.binarize, seed, device)
     kind = run_likelihood_kind(config)

@@ -92,11 +92,24 @@ def resolve_model(spec: str, client: MlflowClient | None = None) -> ResolvedMode
     if logged.name == GENERATOR_NAME:
         raise _invalid(spec, f"{logged.model_id} is the generator pyfunc of run {logged.source_run_id}; "
                              f"pass that run's {MODEL_NAME!r} (its model_uri tag) or the run id")
+    if logged.name != MODEL_NAME:  # e.g. the judge classifier: its params say nothing of a cVAE
+        raise _invalid(spec, f"{logged.model_id} is the {logged.name!r} model of run {logged.source_run_id}, "
+                             f"not a cVAE (a {MODEL_NAME!r} logged by train or a study trial)")
     return ResolvedModel(f"models:/{model_id}", model_id, logged.source_run_id, from_params(logged.params))
 
 
 def load_cvae(resolved: ResolvedModel, device: torch.device):
+    """The model on ``device``; a UserError naming the model and where its files should be when
+    they cannot be read (artifacts deleted, moved, or of another store)."""
     import mlflow.pytorch
 
-    model = mlflow.pytorch.load_model(resolved.model_uri, map_location=device)
+    try:
+        model = mlflow.pytorch.load_model(resolved.model_uri, map_location=device)
+    except (MlflowException, OSError) as error:
+        where = ""
+        if resolved.model_id:
+            where = f" at {MlflowClient().get_logged_model(resolved.model_id).artifact_location}"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model {resolved.model_uri} (run {resolved.source_run_id}) cannot be loaded: its files "
+                        f"are missing or unreadable{where} ({reason})") from None
     return model.to(device).eval()

@@ -7,6 +7,7 @@ device. Each failure is one ``ConfigError`` line, before anything is recorded.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -15,6 +16,8 @@ from cvae.config import ConfigError
 from pipelines.config import RunConfig
 from pipelines.data import check_available, dataset_shape
 from pipelines.training.execution import resolve_device
+
+log = logging.getLogger(__name__)
 
 # Training holds each parameter four times: the weights, their gradients and Adam's two moments.
 COPIES_IN_TRAINING = 4
@@ -46,7 +49,7 @@ def check_model(config: RunConfig, device: torch.device) -> int:
                           f"{config.data.dataset} images {tuple(image_shape)}: {reason}") from None
     parameters = sum(p.numel() for p in model.parameters())
     needed = parameters * COPIES_IN_TRAINING * torch.tensor([], dtype=torch.float32).element_size()
-    available = device_memory_bytes(device)
+    available = free_memory_bytes(device)
     if available is not None and needed > available:
         m = config.model
         widths = (f"model.hidden={','.join(map(str, m.hidden))}" if m.arch == "mlp"
@@ -54,13 +57,39 @@ def check_model(config: RunConfig, device: torch.device) -> int:
         raise ConfigError(
             f"model.latent_dim={m.latent_dim}, {widths} is not valid; the model would have {parameters:,} "
             f"parameters, {needed / 2**30:.1f} GiB with their gradients and Adam's moments, more than the "
-            f"{available / 2**30:.1f} GiB of {device}: choose a smaller model")
+            f"{available / 2**30:.1f} GiB free on {device}: choose a smaller model")
     return parameters
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory ``device`` can still give: CUDA's free memory, or the kernel's MemAvailable for the CPU
+    (free pages plus the cache it can drop); the total when that cannot be told, None when neither can."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return device_memory_bytes(device)
+
+
+def check_fits(field: str, value, needed_bytes: int, what: str, device: torch.device, remedy: str) -> None:
+    """Refuse in one line a request whose memory (``needed_bytes``, an estimate) exceeds what the
+    device has free, instead of an out-of-memory traceback (or swapping until killed) later."""
+    free = free_memory_bytes(device)
+    if free is not None and needed_bytes > free:
+        raise ConfigError(f"{field}={value!r} is not valid; {what} need about {needed_bytes / 2**30:,.1f} GiB, "
+                          f"more than the {free / 2**30:.1f} GiB free on {device}: {remedy}")
 
 
 def preflight(config: RunConfig) -> torch.device:
     """All checks before a run exists; returns the device the run will use."""
     device = resolve_device(config.execution)
+    if config.execution.precision != "fp32" and device.type == "cpu":  # autocast is for accelerators here
+        log.warning(f"execution.precision={config.execution.precision} does nothing on the cpu: training in fp32")
     check_available(config.data)
     check_model(config, device)
     return device
