@@ -172,6 +172,11 @@ def in_process_on(store: Store, monkeypatch: pytest.MonkeyPatch, capsys=None):
     monkeypatch.chdir(store.root)
     previous = mlflow.get_tracking_uri()
     configure_tracking()
+    # Optuna's own handler (and its colour formatter) keeps the stderr of when it was made, which may
+    # be an earlier test's capture, closed since: its records go to pytest's log capture instead.
+    import optuna
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
 
     def run(main, *argv: str) -> tuple[int, str]:
         if capsys is not None:
@@ -183,6 +188,8 @@ def in_process_on(store: Store, monkeypatch: pytest.MonkeyPatch, capsys=None):
         yield run
     finally:
         mlflow.set_tracking_uri(previous)
+        optuna.logging.disable_propagation()
+        optuna.logging.enable_default_handler()
 
 
 @pytest.fixture

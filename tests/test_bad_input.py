@@ -17,11 +17,13 @@ TINY = ["--dataset", "mnist", "--val-size", "20", "--epochs", "1", "--hidden", "
 
 
 def one_error_line(stderr: str) -> str:
-    """The command's only output line that is not a warning: its error, with no traceback above it."""
+    """The command's one error line, its last, with no traceback above it (progress and warnings
+    may come before it)."""
     assert "Traceback" not in stderr, stderr[-3000:]
-    lines = [line for line in stderr.strip().splitlines() if not line.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
-    return lines[0][len("error: "):]
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr[-3000:]
+    return errors[0][len("error: "):]
 
 
 REFUSED_NAMES = [
@@ -221,3 +223,30 @@ def test_under_mlflow_run_a_typo_is_answered_with_the_p_name(store, in_process, 
     assert code == 2 and one_error_line(stderr) == expected, stderr
     (run,) = store.runs()
     assert run.info.status == "FAILED" and run.data.tags["error"] == expected
+
+
+SPACES = [
+    ("def space(trial, base):\n    return 1 / 0\n", "failed in trial 0: ZeroDivisionError: division by zero"),
+    ("def space(trial, base):\n    trial.suggest_int('latent_dim', 2, 4)\n",
+     "returned NoneType 'None' in trial 0; expected a dict of overrides, e.g. {'model.latent_dim': 8}"),
+]
+
+
+@pytest.mark.parametrize("code_of_space, says", SPACES)
+def test_a_search_space_that_raises_or_returns_no_overrides_is_named_in_one_line(
+        store, in_process, tiny_mnist, tmp_path, code_of_space, says):
+    import optuna
+
+    from pipelines.entrypoints.tune import main
+
+    space = tmp_path / "my_space.py"
+    space.write_text(code_of_space)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    code, stderr = in_process(main, *TINY, "--data-dir", str(tiny_mnist), "--n-trials", "2", "--storage", storage,
+                              "--study", "mine", "--space", f"{space}:space")
+    assert code == 2 and one_error_line(stderr) == f"space='{space}:space' {says}", stderr
+    (trial,) = optuna.load_study(study_name="mine", storage=storage).trials  # the study stopped at it
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert_no_running(store)
+    assert {run.info.status for run in store.runs()} == {"FAILED"}  # the trial's run and the study's, with why
+    assert all(says in run.data.tags["error"] for run in store.runs())

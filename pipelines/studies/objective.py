@@ -6,6 +6,7 @@ study goes on; anything else stops the study.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Sequence
 
 import optuna
@@ -14,6 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.config import RunConfig, with_overrides
 from pipelines.data import DatasetSplits
+from pipelines.errors import UserError
 from pipelines.metrics import OBJECTIVES
 from pipelines.recording.record import FULL, TRIAL, record_run
 from pipelines.recording.run_description import name_trial
@@ -46,6 +48,39 @@ def objective_values(objectives: Sequence[str], result: TrainResult) -> list[flo
     return values
 
 
+class SearchSpaceError(UserError):
+    """A search space raised or returned something other than overrides: named with the trial."""
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else '(no message)'}"
+
+
+def trial_config(space: SearchSpace, name: str, trial: optuna.Trial, base: RunConfig) -> RunConfig:
+    """The configuration ``space`` asks of ``trial``, or a one-line ``SearchSpaceError`` naming the
+    space, the trial and what went wrong (a bug in a user's space is theirs to fix: no traceback of
+    ours around it). Optuna's own signals (a pruned trial) and errors that already name a field
+    (an override out of range) pass through."""
+    try:
+        overrides = space(trial, base)
+    except (UserError, optuna.TrialPruned):
+        raise
+    except Exception as error:
+        raise SearchSpaceError(f"space={name!r} failed in trial {trial.number}: {_reason(error)}") from None
+    if not isinstance(overrides, Mapping) or not all(isinstance(key, str) for key in overrides):
+        raise SearchSpaceError(f"space={name!r} returned {type(overrides).__name__} {str(overrides)[:80]!r} in "
+                               f"trial {trial.number}; expected a dict of overrides, e.g. "
+                               "{'model.latent_dim': 8}")
+    try:
+        return with_overrides(base, overrides)
+    except UserError:
+        raise
+    except Exception as error:  # a value of a type no field takes (a list for an integer...)
+        raise SearchSpaceError(f"space={name!r} returned overrides that cannot be applied in trial "
+                               f"{trial.number}: {_reason(error)}") from None
+
+
 class TrialObjective:
     """The function Optuna calls: space -> config -> ``train`` in a child run -> objective values."""
 
@@ -62,7 +97,7 @@ class TrialObjective:
         self.current = trial
         with trial_run(self.parent.client, self.parent.run_id, self.settings.name, trial) as logger:
             try:
-                config = with_overrides(self.base, self.space(trial, self.base))
+                config = trial_config(self.space, self.settings.space, trial, self.base)
                 name_trial(logger, trial.number, config)
                 logger.log_params({f"trial.{k}": v for k, v in trial.params.items()})
                 same_data = config.data == self.base.data and config.execution.device == self.base.execution.device
