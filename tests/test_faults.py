@@ -327,3 +327,24 @@ def test_divergence_names_the_likely_cause_and_the_remedy(overrides, terms, caus
     message = divergence_message(with_overrides(RunConfig(), overrides), "training", 3, terms)
     assert message.startswith("training diverged: the training loss became non-finite in epoch 3 (")
     assert f"likely cause: {cause}" in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_two_trainings_started_together_on_a_new_sqlite_store_both_finish(store, tiny_mnist, tmp_path):
+    """MLflow creates a new database's tables without a lock between processes; two commands
+    started at once on a fresh mlflow.db failed in its schema migration. Every command now takes
+    turns creating it (the first one makes it, the second finds it made)."""
+    fresh = tmp_path / "fresh.db"
+    env = {**store.env, "MLFLOW_TRACKING_URI": f"sqlite:///{fresh}"}
+    command = [sys.executable, "-m", TRAIN, "--dataset", "mnist", "--data-dir", str(tiny_mnist), "--val-size", "20",
+               "--epochs", "1", "--hidden", "16", "--latent-dim", "2"]
+    both = [subprocess.Popen(command, cwd=store.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=600) for process in both]
+    for process, (_, stderr) in zip(both, outputs):
+        assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [run.info.status for run in runs] == ["FINISHED", "FINISHED"]

@@ -7,11 +7,9 @@ without its password.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import warnings
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -19,6 +17,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial
 
 from cvae.config import ConfigError, require
+from pipelines.tracking.store_lock import local_stores_lock
+
+__all__ = ["local_stores_lock"]  # kept here, where the study's steps import it from
 
 JOURNAL_PREFIX = "journal:"
 SQLITE_TIMEOUT_S = 60  # how long a writer waits for SQLite's lock before "database is locked"
@@ -35,31 +36,6 @@ def display_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a SQLAlchemy URL: Optuna will say so when it opens it
         return url
-
-
-def _local_sqlite_file(url: str) -> Path | None:
-    if not url.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-    database = make_url(url).database
-    return Path(database) if database and database != ":memory:" else None
-
-
-@contextlib.contextmanager
-def local_stores_lock(urls: Sequence[str]) -> Iterator[None]:
-    """Serialise steps that are not atomic across processes on local SQLite stores.
-
-    Two workers creating the same database's tables at once fail ("table already exists"), and
-    two registering a model at once race on its alias. A file lock on the database makes the
-    second one wait and then find the work done. SQLite's own locks are POSIX record locks, which
-    ``flock`` leaves alone. Server databases (PostgreSQL) need no such lock.
-    """
-    paths = sorted({p.resolve() for p in map(_local_sqlite_file, urls) if p and p.parent.is_dir()})
-    with contextlib.ExitStack() as stack:
-        for path in paths:
-            handle = stack.enter_context(open(path, "a"))
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _with_installed_driver(url: str) -> str:

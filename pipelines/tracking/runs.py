@@ -23,6 +23,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags as resolve_context_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pipelines.tracking.store_lock import prepare_local_store
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the UI (3.x) to pick the experiment's view
@@ -33,6 +35,7 @@ def configure_tracking() -> str:
     """Use $MLFLOW_TRACKING_URI when set, else the embedded SQLite store in the working directory."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
+    prepare_local_store(uri)  # commands started together on a new mlflow.db take turns creating it
     # MLflow draws a "Downloading artifacts" bar for every model it loads (each run, each trial):
     # noise in logs and CI output. Whoever wants it back sets the variable to true.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
