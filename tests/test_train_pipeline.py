@@ -102,6 +102,7 @@ def test_bad_input_through_mlflow_run_fails_the_run(store):
 def test_bad_input_exits_2_with_one_line_and_no_run(store, tmp_path, args, message):
     if "cuda:7" in args and torch.cuda.device_count() > 7:
         pytest.skip("this machine really has a cuda:7")
+    (tmp_path / "empty").mkdir()  # a folder without the data (a missing one is refused as such: test_bad_input)
     done = store.cli("pipelines.entrypoints.train", *TINY_DATA, "--data-dir", str(tmp_path / "empty"), *args)
     assert done.returncode == 2
     assert message in done.stderr
