@@ -53,9 +53,11 @@ def pytest_runtest_setup(item):
     _running_a_slow_test = item.get_closest_marker("slow") is not None
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """With `pytest -n N --dist loadgroup` (make test), tests that share an expensive fixture share
-    a worker; see _xdist_group."""
+    a worker; see _xdist_group. First: xdist's own hook reads the marks to group the tests, and a
+    mark added after it would be ignored (each worker would make the fixture again)."""
     for item in items:
         if not item.get_closest_marker("xdist_group"):
             group = _xdist_group(item)
