@@ -1,4 +1,5 @@
-"""`reproduce`: the comparison functions, and re-running real logged runs (train runs and trials)."""
+"""`reproduce`: the comparison functions, and re-running real logged train runs (a study trial is
+reproduced in test_study_recording.py)."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import EXPERIMENT, TINY_DATA, TINY_PARAMS, assert_no_running, make_store
+from conftest import EXPERIMENT, TINY_PARAMS, assert_no_running, make_store
+from pipelines.entrypoints.reproduce import main as reproduce_main
 from pipelines.recording.manifest import MANIFEST_FILE, load_manifest, weights_sha256
 from pipelines.reproduce import (
     AGREES,
@@ -221,20 +223,20 @@ def test_an_altered_seed_is_reported_as_differing(original, altered, tmp_path):
     assert not all(row["agrees"] for row in report["metrics"])
 
 
-def test_an_unknown_run_id_fails_clearly_before_opening_a_run(store):
-    done = store.cli(REPRODUCE, "--run-id", "0" * 32)
-    assert done.returncode == 2
-    assert f"error: run_id='{'0' * 32}' is not valid; no such run" in done.stderr
+def test_an_unknown_run_id_fails_clearly_before_opening_a_run(store, in_process):
+    code, stderr = in_process(reproduce_main, "--run-id", "0" * 32)
+    assert code == 2
+    assert f"error: run_id='{'0' * 32}' is not valid; no such run" in stderr
     assert store.runs() == []
 
 
-def test_a_run_without_a_manifest_fails_clearly_before_opening_a_run(store):
+def test_a_run_without_a_manifest_fails_clearly_before_opening_a_run(store, in_process):
     client = store.client
     bare = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
     client.set_terminated(bare, "FINISHED")
-    done = store.cli(REPRODUCE, "--run-id", bare)
-    assert done.returncode == 2
-    assert f"error: run {bare} has no {MANIFEST_FILE} artifact" in done.stderr
+    code, stderr = in_process(reproduce_main, "--run-id", bare)
+    assert code == 2
+    assert f"error: run {bare} has no {MANIFEST_FILE} artifact" in stderr
     assert [r.info.run_id for r in store.runs()] == [bare]
 
 
@@ -245,20 +247,4 @@ def test_an_unknown_run_id_under_mlflow_run_fails_the_run_mlflow_created(store):
     assert "error: run_id='no-such-run' is not valid" in done.stderr
     (failed,) = store.runs()
     assert failed.info.status == "FAILED"
-    assert_no_running(store)
-
-
-@pytest.mark.slow
-def test_a_study_trial_is_reproduced_bitwise(store, tmp_path):
-    storage = f"sqlite:///{store.root / 'optuna.db'}"
-    done = store.cli("pipelines.entrypoints.tune", "--space", "smoke", "--epochs", "1", "--device", "cpu",
-                     *TINY_DATA, "--study", "repro", "--storage", storage, "--n-trials", "1")
-    assert done.returncode == 0, done.stderr[-3000:]
-    (trial,) = [r for r in store.runs() if "mlflow.parentRunId" in r.data.tags]
-    done = store.cli(REPRODUCE, "--run-id", trial.info.run_id)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (rerun,) = reruns_of(store, trial.info.run_id)
-    report = report_of(store, rerun.info.run_id, tmp_path)
-    assert report["verdict"] == AGREES and report["weights"]["max_abs_diff"] == 0.0
-    assert rerun.data.params["model.hidden"] == trial.data.params["model.hidden"]
     assert_no_running(store)

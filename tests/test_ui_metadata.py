@@ -1,6 +1,7 @@
 """What the MLflow UI shows about runs: names, descriptions, datasets, source, experiment kind, params;
 and one-line errors for unknown parameters."""
 import argparse
+import importlib
 import re
 import sys
 
@@ -105,10 +106,17 @@ def test_closest_option_ignores_dash_or_underscore_and_keeps_the_users_spelling(
      "error: unknown parameter --tolerence; did you mean --tolerance?"),
     ("pipelines.entrypoints.stale_runs", ["--grace-s", "5"], "error: unknown parameter --grace-s; did you mean --grace?"),
 ])
-def test_a_usage_error_is_one_line_exit_2_and_no_run(store, module, args, line):
-    done = store.cli(module, *args)
+def test_a_usage_error_is_one_line_exit_2_and_no_run(store, in_process, module, args, line):
+    code, stderr = in_process(importlib.import_module(module).main, *args)
+    assert code == 2
+    assert stderr.strip() == line
+    assert store.runs() == []
+
+
+def test_a_usage_error_in_a_real_process_is_one_line_on_stderr_and_exit_2(store):
+    done = store.cli("pipelines.entrypoints.train", "--zzz", "3")
     assert done.returncode == 2
-    assert done.stderr.strip() == line
+    assert done.stderr.strip() == "error: unknown parameter --zzz; see --help for the parameters"
     assert store.runs() == []
 
 
