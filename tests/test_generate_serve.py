@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED_RUN_LATENT_DIM, assert_no_running
+from conftest import SHARED_RUN_LATENT_DIM, assert_no_running, in_process_on
 from pipelines.entrypoints.generate import GRID_ARTIFACT, GRID_PADDING
+from pipelines.entrypoints.generate import main as generate_main
 from pipelines.models.generator_model import DEFAULT_MAX_ROWS, GenerationRequestError, GeneratorModel, generator_spec
 from pipelines.server_process import free_port, serving
 
@@ -47,14 +48,15 @@ def test_generate_logs_a_grid_with_a_row_per_label(conditional_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_rejects_a_label_outside_the_classes_in_one_line(conditional_run):
-    done = conditional_run.store.mlflow_run("generate", {"model_uri": conditional_run.run.info.run_id, "labels": "3,10"})
-    assert done.returncode != 0
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+def test_generate_rejects_a_label_outside_the_classes_in_one_line(conditional_run, monkeypatch, capsys):
+    with in_process_on(conditional_run.store, monkeypatch, capsys) as run:
+        code, stderr = run(generate_main, "--model-uri", conditional_run.run.info.run_id, "--labels", "3,10")
+    assert code == 2
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: labels='3,10' is not valid: '10' is not a class of this model; expected "
                       "comma-separated class ids 0..9 (T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, "
-                      "Shirt, Sneaker, Bag, Ankle boot)"], done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
+                      "Shirt, Sneaker, Bag, Ankle boot)"], stderr[-2000:]
+    assert "Traceback" not in stderr
     assert_no_running(conditional_run.store)
 
 
@@ -118,11 +120,11 @@ def test_mlflow_models_serve_answers_labels_with_images(conditional_run, tmp_pat
     ("/proc/grid.png", "cannot write there: No such file or directory (/proc)"),
     (".", "it is a directory: expected a file path, e.g. grid.png"),
 ])
-def test_generate_rejects_an_unwritable_output_before_anything_is_loaded_or_logged(store, output, reason):
+def test_generate_rejects_an_unwritable_output_before_anything_is_loaded_or_logged(store, in_process, output, reason):
     # The model is not even looked up: the output is checked first, so no run can be half-written.
-    done = store.cli("pipelines.entrypoints.generate", "--model-uri", "models:/never-looked-up", "--output", output)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip() == f"error: output={output!r} is not valid; {reason}", done.stderr[-2000:]
+    code, stderr = in_process(generate_main, "--model-uri", "models:/never-looked-up", "--output", output)
+    assert code == 2, stderr[-2000:]
+    assert stderr.strip() == f"error: output={output!r} is not valid; {reason}", stderr[-2000:]
     assert store.runs() == []
 
 
