@@ -7,27 +7,15 @@ device. Each failure is one ``ConfigError`` line, before anything is recorded.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from cvae.config import ConfigError
 from pipelines.config import RunConfig
 from pipelines.data import check_available, dataset_shape
-from pipelines.training.execution import resolve_device
+from pipelines.training.devices import device_memory_bytes, resolve_device
 
 # Training holds each parameter four times: the weights, their gradients and Adam's two moments.
 COPIES_IN_TRAINING = 4
-
-
-def device_memory_bytes(device: torch.device) -> int | None:
-    """Total memory of ``device`` (RAM for the CPU); None when it cannot be told."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_model(config: RunConfig, device: torch.device) -> int:
