@@ -15,7 +15,7 @@ import statistics
 from pipelines.config import RunConfig, with_overrides
 from pipelines.data import load_splits
 from pipelines.entrypoints.logs import configure_logging
-from pipelines.training.execution import resolve_device
+from pipelines.training.devices import resolve_device
 from pipelines.training.train import train
 
 

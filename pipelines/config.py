@@ -19,6 +19,8 @@ BINARIZATIONS = ("none", "static", "dynamic")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DETERMINISM = ("auto", "true", "false")
+COMPILE = ("auto", "true", "false")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps", "xpu", "xpu:N")
 MAX_SEED = 2**63 - 1  # torch generators take at most 64 bits; negative seeds are a typo, not a seed
 
 
@@ -67,28 +69,46 @@ class OptimConfig:
         require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "a number >= 0 (0 disables)")
 
 
+def _is_device(text: str) -> bool:
+    """auto, cpu, mps, or cuda/xpu with an optional index (cuda:1). Whether this machine has it is
+    checked where the run starts (``pipelines.training.devices``), not here."""
+    kind, colon, index = text.partition(":")
+    if not colon:
+        return kind in ("auto", "cpu", "cuda", "mps", "xpu")
+    return kind in ("cuda", "xpu") and index.isdigit()
+
+
 @dataclass(frozen=True)
 class ExecutionConfig:
     seed: int = described(0, "seed of the initial weights, the batch order and training's random draws "
                                 "(z, dynamic binarization)")
-    device: str = described("auto", "where to train; auto: CUDA when available, else the CPU",
-                            choices=("auto", "cpu", "cuda", "cuda:N"))
-    precision: str = described("fp32", "bf16 and fp16 train under autocast on CUDA (fp16 with a gradient "
-                                       "scaler); losses are always float32", choices=PRECISIONS)
+    device: str = described("auto", "where to train; auto: the accelerator torch finds (CUDA, Apple MPS or Intel "
+                                    "XPU), else the CPU, and says in one line which", choices=DEVICES)
+    precision: str = described("fp32", "bf16 and fp16 train under autocast on an accelerator (fp16 with a gradient "
+                                       "scaler); the CPU stays fp32; losses are always float32", choices=PRECISIONS)
     deterministic: str = described("auto", "torch's deterministic algorithms, for bitwise-repeatable "
-                                           "runs; auto: on for the CPU, off for CUDA (speed)", choices=DETERMINISM)
+                                           "runs; auto: on for the CPU, off on accelerators (speed)", choices=DETERMINISM)
     threads: int = described(0, "torch's CPU threads; 0 = torch's default (all cores); study workers get "
                                 "cores ÷ workers")
+    compile: str = described("auto", "torch.compile of the training and evaluation steps (a compile failure falls "
+                                      "back to eager with a warning); auto: eager, since compiling did not pay "
+                                      "for a 20-epoch run where measured (docs/configuration.md: Compile)",
+                             choices=COMPILE)
+    system_metrics: bool = described(True, "record CPU, memory and (with NVML) GPU use as MLflow system metrics "
+                                           "(system/...) while a run or trial trains and records")
+    system_metrics_interval_s: float = described(5.0, "seconds between system-metric samples (what a sample "
+                                                      "costs: docs/configuration.md, System metrics)")
 
     def __post_init__(self):
-        dev = self.device
-        valid_device = dev in ("auto", "cpu", "cuda") or (
-            dev.startswith("cuda:") and dev[5:].isdigit())
-        require(valid_device, "execution.device", dev, "one of auto, cpu, cuda, cuda:N")
+        require(_is_device(self.device), "execution.device", self.device,
+                "one of auto, cpu, cuda, cuda:N, mps, xpu, xpu:N")
         require(0 <= self.seed <= MAX_SEED, "execution.seed", self.seed, f"an integer in 0..{MAX_SEED}")
         require_choice("execution.precision", self.precision, PRECISIONS)
         require_choice("execution.deterministic", self.deterministic, DETERMINISM)
         require(self.threads >= 0, "execution.threads", self.threads, "an integer >= 0 (0 = all cores)")
+        require_choice("execution.compile", self.compile, COMPILE)
+        require(self.system_metrics_interval_s >= 0.1,
+                "execution.system_metrics_interval_s", self.system_metrics_interval_s, "a number of seconds >= 0.1")
 
 
 @dataclass(frozen=True)

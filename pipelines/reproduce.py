@@ -146,9 +146,13 @@ def environment_warnings(original: Mapping, rerun: Mapping) -> list[str]:
     if changed:
         warnings.append(f"package versions differ ({len(changed)}): " + ", ".join(changed))
     old_hw, new_hw = original.get("hardware", {}), rerun.get("hardware", {})
-    for key in ("device_type", "gpu_model", "gpu_count", "cpu_model", "torch_threads"):
+    for key in ("device_type", "gpu_model", "gpu_count", "nvidia_driver_version", "cpu_model", "torch_threads"):
         if old_hw.get(key) != new_hw.get(key):
             warnings.append(f"hardware {key} differs: {old_hw.get(key)} → {new_hw.get(key)}")
+    old_compiled = original.get("compile", {}).get("compiled", False)  # manifests before compile: eager
+    new_compiled = rerun.get("compile", {}).get("compiled", False)
+    if old_compiled != new_compiled:
+        warnings.append(f"torch.compile differs: compiled={old_compiled} → compiled={new_compiled}")
     old_det = original.get("determinism", {}).get("deterministic")
     new_det = rerun.get("determinism", {}).get("deterministic")
     if old_det != new_det:
@@ -267,6 +271,7 @@ def reproduce_run(run_id: str, tolerance: float | None = None, experiment: str |
     from pipelines.config import from_dict, with_overrides
     from pipelines.recording.manifest import load_manifest
     from pipelines.tracking.runs import entry_point_run
+    from pipelines.tracking.system_metrics import run_system_metrics
     from pipelines.training.preflight import preflight
 
     client = MlflowClient()
@@ -281,8 +286,8 @@ def reproduce_run(run_id: str, tolerance: float | None = None, experiment: str |
     from pipelines.recording.record import FULL, record_run
     from pipelines.training.train import train
 
-    with entry_point_run(experiment, run_name or f"reproduce-{run_id[:8]}",
-                         tags={REPRODUCES_TAG: run_id}) as logger:
+    with (entry_point_run(experiment, run_name or f"reproduce-{run_id[:8]}", tags={REPRODUCES_TAG: run_id}) as logger,
+          run_system_metrics(logger, config.execution)):
         result = train(config, logger)
         record_run(logger, result, config, FULL)
         rerun = load_manifest(logger.client, logger.run_id)

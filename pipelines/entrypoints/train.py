@@ -12,6 +12,7 @@ from pipelines.entrypoints.common import run_main
 from pipelines.presets import preset_names
 from pipelines.recording.run_description import run_name
 from pipelines.tracking.runs import entry_point_run
+from pipelines.tracking.system_metrics import run_system_metrics
 from pipelines.training.preflight import preflight
 
 
@@ -40,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.recording.record import FULL, record_run
     from pipelines.training.train import train
 
-    with entry_point_run(args.experiment, args.run_name or run_name(config)) as logger:
+    with (entry_point_run(args.experiment, args.run_name or run_name(config)) as logger,
+          run_system_metrics(logger, config.execution)):
         result = train(config, logger)
         recorded = record_run(logger, result, config, FULL)
     print(f"run {logger.run_id}: best epoch {result.best_epoch}, weights of epoch {result.kept_epoch}, "

@@ -1,7 +1,8 @@
 """The manifest of a run: everything needed to re-run it from the MLflow record alone.
 
-``build_manifest`` gathers the configuration, command line, seeds and determinism settings, code
-version, data checksums, environment, hardware, and the results (metrics and a checksum of the
+``build_manifest`` gathers the configuration, command line, seeds, determinism and compile
+settings, code version, data checksums, environment, hardware (the device's name, memory and
+driver among it), and the results (metrics and a checksum of the
 final weights); ``log_manifest`` logs it as ``manifest.json`` (plus ``code.diff`` when the tree
 was dirty). ``reproduce`` reads it back with ``load_manifest``.
 """
@@ -20,7 +21,7 @@ import torch
 
 from pipelines.config import RunConfig, to_dict
 from pipelines.tracking.runs import REPO_ROOT, RunLogger, command_line, git_commit
-from pipelines.training.execution import device_description, hardware_description
+from pipelines.training.devices import device_description, hardware_description
 from pipelines.training.train import TrainResult
 
 if TYPE_CHECKING:
@@ -115,6 +116,10 @@ def build_manifest(config: RunConfig, result: TrainResult, recorded_metrics: Map
         "command_line": command_line(),
         "seeds": result.seeds,
         "determinism": result.determinism,
+        # execution.compile asked; whether the steps ran compiled to the end (auto: eager where it does
+        # not pay), and the compile error that sent them back to eager, if one did.
+        "compile": {"requested": config.execution.compile, "compiled": result.compiled,
+                    "fallback_error": result.compile_fallback},
         "code": code or code_version()[0],
         "data": {
             "dataset": data["dataset"],

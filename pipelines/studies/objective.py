@@ -24,6 +24,7 @@ from pipelines.studies.sampling import SAMPLER_SEED_ATTR, trial_seed
 from pipelines.studies.settings import StudySettings
 from pipelines.studies.trial_runs import trial_run
 from pipelines.tracking.runs import RunLogger
+from pipelines.tracking.system_metrics import run_system_metrics
 from pipelines.training.train import NonFiniteLossError, TrainResult, train
 
 if TYPE_CHECKING:  # search spaces build on this layer; only their type is named here
@@ -95,7 +96,8 @@ class TrialObjective:
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         self.current = trial
-        with trial_run(self.parent.client, self.parent.run_id, self.settings.name, trial) as logger:
+        with (trial_run(self.parent.client, self.parent.run_id, self.settings.name, trial) as logger,
+              run_system_metrics(logger, self.base.execution)):
             try:
                 config = trial_config(self.space, self.settings.space, trial, self.base)
                 name_trial(logger, trial.number, config)

@@ -30,7 +30,7 @@ from pipelines.studies.storage import load_or_create_study, local_stores_lock
 from pipelines.studies.study_summary import summarise_study
 from pipelines.studies.trial_runs import close_abandoned_trial, close_stale_trial
 from pipelines.tracking.runs import RunLogger, require_tracking_server, resolve_experiment_id
-from pipelines.training.execution import resolve_device
+from pipelines.training.devices import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Where and how a run executes: device, seeds, determinism, mixed precision."""
+"""How a run executes: threads, seeds, determinism, mixed precision (the device: ``devices``)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,25 +9,12 @@ import random
 import numpy as np
 import torch
 
-from cvae.config import ConfigError
 from pipelines.config import ExecutionConfig
 
+# The evaluate and generate entry points import resolve_device from here; it lives in devices.
+from pipelines.training.devices import resolve_device  # noqa: F401
+
 CUBLAS_WORKSPACE = ":4096:8"  # required by cuBLAS for deterministic results (CUDA >= 10.2)
-
-
-def resolve_device(config: ExecutionConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(config.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"execution.device={config.device!r} is not valid; CUDA is not available "
-                              "here; choose one of auto, cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"execution.device={config.device!r} is not valid; this machine has "
-                              f"{torch.cuda.device_count()} CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    return device
-
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's <malloc.h>
 _MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit systems
@@ -99,54 +86,20 @@ def configure_determinism(deterministic: bool) -> dict[str, object]:
 
 
 def autocast(config: ExecutionConfig, device: torch.device):
-    """Mixed precision on CUDA when asked for; a no-op elsewhere (CPU runs stay fp32)."""
-    if config.precision == "fp32" or device.type != "cuda":
+    """Mixed precision when asked for, on an accelerator whose autocast torch supports (CUDA, XPU,
+    MPS); a no-op on the CPU, which stays fp32 (its bf16 kernels are no faster here)."""
+    if config.precision == "fp32" or not _mixed_precision_device(device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _mixed_precision_device(device: torch.device) -> bool:
+    return device.type != "cpu" and torch.amp.is_autocast_available(device.type)
 
 
 def grad_scaler(config: ExecutionConfig, device: torch.device):
-    enabled = config.precision == "fp16" and device.type == "cuda"
-    return torch.amp.GradScaler("cuda", enabled=enabled) if enabled else None
-
-
-def device_description(device: torch.device) -> dict[str, str]:
-    info = {"device": str(device), "torch_version": torch.__version__,
-            "cuda_version": str(torch.version.cuda or "none")}
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        info["device_name"] = torch.cuda.get_device_name(index)
-        info["cudnn_version"] = str(torch.backends.cudnn.version())
-    else:
-        info["device_name"] = "cpu"
-    return info
-
-
-@functools.cache
-def cpu_model() -> str:
-    """The CPU's marketing name (Linux /proc/cpuinfo), else what ``platform`` knows."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def hardware_description(device: torch.device) -> dict[str, object]:
-    """What the run ran on: device type, GPU model and count, CPU model and core count."""
-    on_cuda = device.type == "cuda"
-    return {
-        "device": str(device),
-        "device_type": device.type,
-        "gpu_model": device_description(device)["device_name"] if on_cuda else None,
-        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
+    """fp16's gradient scaler (its range ends at 65504), of the device's own kind; None otherwise."""
+    if config.precision == "fp16" and _mixed_precision_device(device):
+        return torch.amp.GradScaler(device.type)
+    return None

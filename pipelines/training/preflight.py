@@ -8,29 +8,18 @@ device. Each failure is one ``ConfigError`` line, before anything is recorded.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from cvae.config import ConfigError
 from pipelines.config import RunConfig
 from pipelines.data import check_available, dataset_shape
-from pipelines.training.execution import resolve_device
+from pipelines.training.devices import free_memory_bytes, resolve_device
 
 log = logging.getLogger(__name__)
 
 # Training holds each parameter four times: the weights, their gradients and Adam's two moments.
 COPIES_IN_TRAINING = 4
-
-
-def device_memory_bytes(device: torch.device) -> int | None:
-    """Total memory of ``device`` (RAM for the CPU); None when it cannot be told."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_model(config: RunConfig, device: torch.device) -> int:
@@ -59,21 +48,6 @@ def check_model(config: RunConfig, device: torch.device) -> int:
             f"parameters, {needed / 2**30:.1f} GiB with their gradients and Adam's moments, more than the "
             f"{available / 2**30:.1f} GiB free on {device}: choose a smaller model")
     return parameters
-
-
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory ``device`` can still give: CUDA's free memory, or the kernel's MemAvailable for the CPU
-    (free pages plus the cache it can drop); the total when that cannot be told, None when neither can."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return device_memory_bytes(device)
 
 
 def check_fits(field: str, value, needed_bytes: int, what: str, device: torch.device, remedy: str) -> None:

@@ -21,24 +21,23 @@ import torch
 from tqdm.auto import tqdm
 
 import cvae
-from cvae import CVAE, gaussian_kl, kl_weight_at, loss_from_means, monte_carlo_kl, negative_elbo
+from cvae import CVAE, kl_weight_at, loss_from_means
 from cvae.likelihood import likelihood_kind
 from pipelines.config import RunConfig, flatten
 from pipelines.data import Batcher, DatasetSplits, SplitData, load_splits
 from pipelines.errors import RunFailedError
 from pipelines.tracking.datasets import log_dataset
 from pipelines.tracking.runs import RunLogger, git_commit
+from pipelines.training.devices import device_description, resolve_device, synchronize
 from pipelines.training.execution import (
-    autocast,
     configure_determinism,
     configure_threads,
-    device_description,
     grad_scaler,
     is_deterministic,
     keep_freed_memory,
-    resolve_device,
     seed_everything,
 )
+from pipelines.training.steps import Steps, should_compile
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,9 @@ EpochCallback = Callable[[int, dict], None]
 # The epoch whose weights the trained model holds (the best one, or the last with restore_best=false):
 # the test metrics and the logged model are of that epoch's weights.
 KEPT_EPOCH_METRIC = "kept_epoch"
+# Whether the training and evaluation steps ran through torch.compile to the end (execution.compile
+# asks; auto and a compile failure can both mean eager).
+COMPILED_TAG = "compiled"
 
 
 class NonFiniteLossError(RunFailedError):
@@ -76,6 +78,9 @@ class TrainResult:
     device: torch.device
     seeds: dict = field(default_factory=dict)
     determinism: dict = field(default_factory=dict)
+    # Whether the steps ran through torch.compile to the end; why they fell back to eager, if they did.
+    compiled: bool = False
+    compile_fallback: str | None = None
 
 
 def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -88,15 +93,17 @@ def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Op
 
 @torch.no_grad()
 def evaluate_split(model: CVAE, split: SplitData, batcher: Batcher, config: RunConfig,
-                   device: torch.device, batch_size: int = EVAL_BATCH) -> dict[str, float]:
+                   device: torch.device, batch_size: int = EVAL_BATCH, steps: Steps | None = None) -> dict[str, float]:
     """Loss terms over a whole split at the configured β (no warm-up), nats per example.
 
     The posterior samples come from a fixed seed, one draw per example, so the same weights always
     give the same numbers, however the split is batched: a reloaded model can be checked against
     its logged metrics. The loss is formed from the split's means (free bits clamp the split's KL
-    per dimension, as ``loss_from_means`` says), not averaged over batches.
+    per dimension, as ``loss_from_means`` says), not averaged over batches. ``steps``: the
+    training's own (compiled when it is); eager steps of ``model`` otherwise.
     """
     model.eval()
+    steps = steps or Steps(model, config, device)
     objective = config.objective
     sampled = objective.kl_estimator == "monte_carlo"
     noise = torch.randn((len(split), model.latent_dim), generator=torch.Generator(device=device).manual_seed(EVAL_SEED),
@@ -106,13 +113,11 @@ def evaluate_split(model: CVAE, split: SplitData, batcher: Batcher, config: RunC
     sampled_kl = torch.zeros((), device=device, dtype=torch.float64)
     start = 0
     for x, y in batcher.eval_batches(split, batch_size):
-        with autocast(config.execution, device):
-            out = model(x, y, noise=noise[start: start + len(y)])
+        batch_recon, batch_kl, batch_sampled = steps.eval_sums(x, y, noise[start: start + len(y)])
         start += len(y)
-        recon += model.reconstruction_nll(out.decoded.float(), x).double().sum()
-        kl_per_dim += gaussian_kl(out.mu, out.logvar).double().sum(dim=0)
-        if sampled:
-            sampled_kl += monte_carlo_kl(out.z, out.mu, out.logvar).double().sum()
+        recon += batch_recon
+        kl_per_dim += batch_kl
+        sampled_kl += batch_sampled
     examples = len(split)
     terms = loss_from_means(recon / examples, kl_per_dim / examples, objective.kl_weight, objective.free_bits,
                             sampled_kl / examples if sampled else None)
@@ -120,33 +125,16 @@ def evaluate_split(model: CVAE, split: SplitData, batcher: Batcher, config: RunC
     return {"loss": loss, "recon": recon_mean, "kl": kl, "neg_elbo": recon_mean + kl}
 
 
-def _train_epoch(model, optimizer, scaler, batcher, split, config, device, epoch, bar) -> dict[str, float]:
-    model.train()
-    steps = math.ceil(len(split) / config.optim.batch_size)
+def _train_epoch(steps: Steps, optimizer, scaler, batcher, split, config, device, epoch, bar) -> dict[str, float]:
+    steps.model.train()
+    batches = math.ceil(len(split) / config.optim.batch_size)
     totals = torch.zeros(3, device=device, dtype=torch.float64)
     beta = config.objective.kl_weight
-    for step, (x, y) in enumerate(batcher.train_batches(split, config.optim.batch_size)):
-        beta = kl_weight_at(config.objective, epoch - 1 + step / steps)
-        with autocast(config.execution, device):
-            out = model(x, y)
-        terms = negative_elbo(model.reconstruction_nll(out.decoded.float(), x), out.mu.float(),
-                              out.logvar.float(), out.z.float(), beta, config.objective.free_bits,
-                              config.objective.kl_estimator)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(terms.loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            terms.loss.backward()
-        if config.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+    for index, (x, y) in enumerate(batcher.train_batches(split, config.optim.batch_size)):
+        beta = kl_weight_at(config.objective, epoch - 1 + index / batches)
+        terms = steps.train_step(optimizer, scaler, x, y, beta)
         # Accumulate on the device: a .item() per step would synchronise with the GPU every batch.
-        totals += torch.stack([terms.loss.detach(), terms.recon.detach(), terms.kl.detach()]).double() * len(y)
+        totals += terms.double() * len(y)
         bar.update(len(y))
     loss, recon, kl = (totals / len(split)).tolist()
     if not all(math.isfinite(v) for v in (loss, recon, kl)):
@@ -163,9 +151,7 @@ def run_tags(config: RunConfig, device: torch.device) -> dict[str, str]:
             # What the likelihood numbers are (cvae.likelihood): exact-discrete, exact-binary,
             # cross-entropy or continuous-density; only the exact kinds are NLLs.
             "likelihood_kind": likelihood_kind(config.model.likelihood, config.data.binarize),
-            "device": info["device"],
-            "device_name": info["device_name"], "torch_version": info["torch_version"],
-            "cuda_version": info["cuda_version"], "git_commit": commit, "git_dirty": str(dirty).lower(),
+            **info, "git_commit": commit, "git_dirty": str(dirty).lower(),
             **({"preset": config.preset} if config.preset else {})}
 
 
@@ -185,6 +171,7 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
     seeds = seed_everything(config.execution.seed)
     splits = splits or load_splits(config.data, device)
     model = cvae.build(config.model, splits.image_shape, splits.num_classes).to(device)
+    steps = Steps(model, config, device, compiled=should_compile(config.execution, device))
     optimizer = build_optimizer(config, model)
     scaler = grad_scaler(config.execution, device)
     batcher = Batcher(config.data.binarize, config.execution.seed, device)
@@ -201,11 +188,10 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
         started = time.perf_counter()
         with tqdm(total=len(splits.train), desc=f"epoch {epoch}/{config.optim.epochs}", unit="img",
                   disable=not interactive, leave=False) as bar:
-            train_terms = _train_epoch(model, optimizer, scaler, batcher, splits.train, config, device, epoch, bar)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            train_terms = _train_epoch(steps, optimizer, scaler, batcher, splits.train, config, device, epoch, bar)
+        synchronize(device)
         train_seconds = time.perf_counter() - started
-        val_terms = evaluate_split(model, splits.val, batcher, config, device)
+        val_terms = evaluate_split(model, splits.val, batcher, config, device, steps=steps)
         metrics = {**{f"train/{k}": v for k, v in train_terms.items()},
                    **{f"val/{k}": v for k, v in val_terms.items()},
                    "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - started,
@@ -237,8 +223,10 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
         model.load_state_dict(best_state)
         kept_epoch = best_epoch
     if logger:
+        logger.set_tags({COMPILED_TAG: str(steps.compiled).lower()})
         logger.log_metrics({"best_epoch": best_epoch, "best_val_loss": best_val}, step=best_epoch)
         logger.log_metrics({KEPT_EPOCH_METRIC: kept_epoch}, step=kept_epoch)
     return TrainResult(model=model, splits=splits, batcher=batcher, history=history, best_epoch=best_epoch,
                        best_val_loss=best_val, kept_epoch=kept_epoch, stopped_early=stopped_early, device=device,
-                       seeds=seeds, determinism=determinism)
+                       seeds=seeds, determinism=determinism, compiled=steps.compiled,
+                       compile_fallback=steps.fallback_error)
