@@ -4,12 +4,13 @@ side by side, compile time included: `python -m benchmarks.compile_cost [--devic
 For each model (the default MLP, and 784-400-20 at batch 128 as in `benchmarks.run`) it trains
 the same configuration on the same data through `pipelines.training.train.train`, alternately
 eager and compiled (`execution.compile`), and reads each epoch's time (training and validation)
-from the run's history. A compiled run's first epoch carries the compilation: once with an
-empty inductor cache (cold: a new model shape on a new machine) and once more with the cache
-that run filled (warm: the same shapes again). Then for a run of `--run-epochs` epochs (20, the
+from the run's history. A compiled run's first epoch carries the compilation: the first one with
+an empty inductor cache (cold: a new model shape on a new machine), the later ones with the cache
+it filled (warm: the same shapes again). Of each kind of epoch the fastest counts, the one least
+disturbed by other load on a shared machine. Then for a run of `--run-epochs` epochs (20, the
 default `optim.epochs`):
 
-    time = first epoch + (epochs - 1) x steady epoch (the median of the later epochs)
+    time = first epoch + (epochs - 1) x steady epoch (an epoch after the first)
 
 and the break-even, the number of epochs from which compiling is faster:
 1 + (compiled first epoch - eager first epoch) / (eager steady - compiled steady).
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import tempfile
 
 MODELS = {
@@ -39,14 +39,14 @@ def epoch_times(config, splits) -> list[float]:
     return [row["epoch_time_s"] for row in result.history]
 
 
-def run_seconds(times: list[float], epochs: int) -> float:
-    return times[0] + (epochs - 1) * statistics.median(times[1:])
+def run_seconds(first: float, steady: float, epochs: int) -> float:
+    return first + (epochs - 1) * steady
 
 
-def break_even(eager: list[float], compiled: list[float]) -> float | None:
+def break_even(eager_first: float, eager_steady: float, compiled_first: float, compiled_steady: float) -> float | None:
     """Epochs from which the compiled run is faster; None when its steady epoch is not faster."""
-    saved = statistics.median(eager[1:]) - statistics.median(compiled[1:])
-    return 1 + (compiled[0] - eager[0]) / saved if saved > 0 else None
+    saved = eager_steady - compiled_steady
+    return 1 + (compiled_first - eager_first) / saved if saved > 0 else None
 
 
 def measure(name: str, overrides: dict, args) -> list[list[str]]:
@@ -61,19 +61,21 @@ def measure(name: str, overrides: dict, args) -> list[list[str]]:
     eager_config = with_overrides(base, {"execution.compile": "false"})
     compiled_config = with_overrides(base, {"execution.compile": "true"})
     epoch_times(with_overrides(eager_config, {"optim.epochs": 1}), splits)  # allocator and library warm-up
-    # Interleaved: eager, compiled (cold cache), eager, compiled (warm cache), so that a change in the
-    # machine's load falls on both.
-    eager = epoch_times(eager_config, splits)
-    cold = epoch_times(compiled_config, splits)
-    eager += epoch_times(eager_config, splits)[1:]
-    warm = epoch_times(compiled_config, splits)
-    eager_steady, steady = statistics.median(eager[1:]), statistics.median(cold[1:] + warm[1:])
+    # Interleaved, eager then compiled, so that a change in the machine's load falls on both. The
+    # first compiled run compiles with an empty cache (cold), the later ones with its cache (warm).
+    eager, compiled = [], []
+    for _ in range(args.repeats):
+        eager.append(epoch_times(eager_config, splits))
+        compiled.append(epoch_times(compiled_config, splits))
+    # The fastest of each kind of epoch: the one least disturbed by other load on a shared machine.
+    eager_first, eager_steady = min(run[0] for run in eager), min(t for run in eager for t in run[1:])
+    steady = min(t for run in compiled for t in run[1:])
     rows = []
-    for label, compiled in (("cold", cold), ("warm", warm)):
-        times = [compiled[0], steady]
-        eager_run, compiled_run = run_seconds(eager, args.run_epochs), run_seconds(times, args.run_epochs)
-        even = break_even(eager, times)
-        rows.append([name, f"compiled, {label} cache", f"{compiled[0] - steady:.1f}", f"{eager_steady:.2f}",
+    for label, first in (("cold", compiled[0][0]), ("warm", min(run[0] for run in compiled[1:]))):
+        eager_run = run_seconds(eager_first, eager_steady, args.run_epochs)
+        compiled_run = run_seconds(first, steady, args.run_epochs)
+        even = break_even(eager_first, eager_steady, first, steady)
+        rows.append([name, f"compiled, {label} cache", f"{first - steady:.1f}", f"{eager_steady:.2f}",
                      f"{steady:.2f}", f"{eager_run:.1f}", f"{compiled_run:.1f}", f"{compiled_run / eager_run:.2f}",
                      "never" if even is None else f"{even:.1f}"])
     return rows
@@ -85,11 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--limit-train", type=int, default=0, help="training images; 0: all 55,000")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per measured run (>= 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each kind, interleaved (>= 2: cold, then warm)")
     parser.add_argument("--run-epochs", type=int, default=20, help="the run length the verdict is for")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, of: " + ", ".join(MODELS))
     args = parser.parse_args(argv)
-    if args.epochs < 2:
-        parser.error("--epochs must be >= 2: a steady epoch is one after the first")
+    if args.epochs < 2 or args.repeats < 2:
+        parser.error("--epochs and --repeats must be >= 2: a steady epoch is one after the first, a warm run one "
+                     "after the first")
     # An empty inductor cache of our own: the first compiled run pays a cold compile, as on a new machine.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cache-")
 

@@ -92,6 +92,11 @@ def test_manifest_holds_environment_and_hardware(logged):
         assert environment["packages"][package] == importlib.metadata.version(package)
     assert hardware["device_type"] == "cpu" and hardware["gpu_model"] is None
     assert hardware["cpu_model"] and hardware["cpu_count"] >= 1
+    assert hardware["device_name"] == hardware["cpu_model"] and hardware["device_memory_gib"] == hardware["ram_gib"] > 0
+
+
+def test_manifest_says_whether_the_steps_ran_compiled(logged):
+    assert logged.manifest["compile"] == {"requested": "auto", "compiled": False, "fallback_error": None}
 
 
 def test_manifest_results_match_the_logged_metrics_and_model(logged):

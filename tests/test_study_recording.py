@@ -68,6 +68,7 @@ def test_every_trial_keeps_metrics_manifest_and_a_reloadable_model(default_study
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1]
         assert run.data.metrics["objective/neg_elbo"] == pytest.approx(trial.value)
+        assert run.data.metrics["system/system_memory_usage_megabytes"] > 0  # each trial's own system metrics
         assert "manifest.json" in artifact_paths(client, run.info.run_id)
         model = mlflow.pytorch.load_model(run.data.tags["model_uri"], map_location="cpu")
         assert sum(p.numel() for p in model.parameters()) > 0

@@ -23,7 +23,7 @@ from pipelines.config import ExecutionConfig
 log = logging.getLogger(__name__)
 
 ACCELERATORS = ("cuda", "mps", "xpu")  # the accelerators the harness trains on
-_NAMES = {"cuda": "CUDA", "mps": "Apple's MPS", "xpu": "Intel's XPU"}
+_NAMES = {"cuda": "CUDA", "mps": "Apple MPS", "xpu": "Intel XPU"}
 _announced: set[str] = set()  # what `auto` chose, said once per process (preflight and train both resolve)
 
 

@@ -101,8 +101,7 @@ class Steps:
         except _compile_errors() as error:
             if not self.compiled:
                 raise
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            self.fallback_error = f"{type(error).__name__}: {reason}"[:500]
+            self.fallback_error = _one_line(error)
             log.warning(f"torch.compile failed ({self.fallback_error}); training on eagerly")
             self._train_loss, self._eval_sums = self.eager_train_loss, self.eager_eval_sums
             self.compiled = False
@@ -134,3 +133,14 @@ class Steps:
     def eval_sums(self, x: torch.Tensor, y: torch.Tensor,
                   noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._guarded(lambda: self._eval_sums(x, y, noise))
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: message`` of what made compilation fail, on one line: Dynamo wraps the backend's own
+    error (e.g. no C++ compiler) in ``BackendCompilerFailed``, whose first line names only the backend."""
+    cause = getattr(error, "inner_exception", None) or error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = " ".join(lines[:1])
+    if cause is not None and str(cause).strip():
+        reason = f"{reason} {type(cause).__name__}: {str(cause).strip().splitlines()[0]}".strip()
+    return f"{type(error).__name__}: {reason or type(error).__name__}"[:500]
