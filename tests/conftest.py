@@ -19,7 +19,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several test processes share the cores: one torch thread each (and in the commands they start),
     # or OpenMP's spinning threads oversubscribe the CPU and every test slows down many times over.
     os.environ["OMP_NUM_THREADS"] = "1"
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Where the tests find Fashion-MNIST's IDX files: Debian's dataset-fashion-mnist, or another folder
+# holding them (the GPU machine has no Debian package: benchmarks/gpu/run.sh names the wheelhouse's copy).
+FASHION_DIR = Path(os.environ.get("CVAE_FASHION_MNIST_DIR") or DEBIAN_FASHION_DIR)
 EXPERIMENT = "tests"
 # Small enough for 2 CPU cores, large enough that validation loss clearly falls.
 TINY_DATA = ["--dataset", "fashion-mnist", "--limit-train", "1000", "--val-size", "300", "--limit-test", "500"]
@@ -67,10 +70,18 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    """A data root for the session; Fashion-MNIST comes from Debian's dataset-fashion-mnist package."""
+    """A data root for the session. The harness finds Debian's dataset-fashion-mnist by itself; files
+    from $CVAE_FASHION_MNIST_DIR are linked into the root, where torchvision's layout puts them."""
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail("Debian's dataset-fashion-mnist is not installed: apt-get install dataset-fashion-mnist")
-    return tmp_path_factory.mktemp("data")
+        pytest.fail(f"no Fashion-MNIST in {FASHION_DIR}: apt-get install dataset-fashion-mnist, or set "
+                    "CVAE_FASHION_MNIST_DIR to a folder holding its four .gz files")
+    root = tmp_path_factory.mktemp("data")
+    if FASHION_DIR != DEBIAN_FASHION_DIR:
+        raw = root / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for path in FASHION_DIR.glob("*-ubyte.gz"):
+            (raw / path.name).symlink_to(path.resolve())
+    return root
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -145,7 +156,9 @@ def make_store(root: Path, data_dir: Path) -> Store:
     client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
     client.create_experiment(CLASSIFIER_EXPERIMENT, artifact_location=(root / "classifier-artifacts").as_uri())
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-           "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1",
+           # The repository first; then what was there (the GPU machine's installed wheelhouse).
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
            "PYTHONUNBUFFERED": "1",
            # `mlflow run --env-manager local` runs `python` from PATH: make it this interpreter.
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}

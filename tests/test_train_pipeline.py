@@ -131,17 +131,6 @@ def test_ctrl_c_or_sigterm_ends_the_run_killed_with_what_it_logged(store, stop_s
     assert len(store.client.get_metric_history(run.info.run_id, "val/loss")) >= 2
 
 
-@pytest.mark.cuda
-def test_trains_on_cuda_with_bf16(store):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    done = store.cli("pipelines.entrypoints.train", *TINY_DATA, "--epochs", "1", "--device", "cuda",
-                     "--precision", "bf16")
-    assert done.returncode == 0, done.stderr[-2000:]
-    (run,) = store.runs()
-    assert run.data.tags["device"].startswith("cuda") and run.data.tags["device_name"] != "cpu"
-
-
 @pytest.fixture(scope="module")
 def early_stopped(data_dir):
     """In-process trainings on the same data and seed that stop early: keeping the last epoch's

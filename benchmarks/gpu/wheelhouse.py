@@ -114,7 +114,7 @@ def check(directory: Path) -> list[str]:
         elif wheels[name][0] != version:
             problems.append(f"{wheels[name][1].name} is not the pinned {name}=={version}")
     problems += [f"{path.name} is not in {PINS_FILE.name}" for name, (_, path) in wheels.items() if name not in pins]
-    shadowing = (set(pins) & machine) - OVERRIDES
+    shadowing = ((set(pins) | set(wheels)) & machine) - OVERRIDES  # listed or stray, it would be installed
     problems += [f"{name} is on the GPU machine already: carrying it would shadow the machine's" for name in sorted(shadowing)]
     needs = {name: requirements(wheel_metadata(path)) for name, (_, path) in wheels.items()}
     return problems + unmet(needs, {name: version for name, (version, _) in wheels.items()}, left_out, machine)
