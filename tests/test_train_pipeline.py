@@ -99,14 +99,17 @@ def test_bad_input_through_mlflow_run_fails_the_run(store):
     (["--dataset", "mnist"], "mnist data not found and not downloadable"),
     (["--device", "cuda:7"], "execution.device='cuda:7' is not valid"),
 ])
-def test_bad_input_exits_2_with_one_line_and_no_run(store, tmp_path, args, message):
+def test_bad_input_exits_2_with_one_line_and_no_run(store, in_process, tmp_path, args, message):
+    # In-process: the same exit code and line as a real process (one is: test_faults, test_ui_metadata).
+    from pipelines.entrypoints.train import main
+
     if "cuda:7" in args and torch.cuda.device_count() > 7:
         pytest.skip("this machine really has a cuda:7")
     (tmp_path / "empty").mkdir()  # a folder without the data (a missing one is refused as such: test_bad_input)
-    done = store.cli("pipelines.entrypoints.train", *TINY_DATA, "--data-dir", str(tmp_path / "empty"), *args)
-    assert done.returncode == 2
-    assert message in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    code, stderr = in_process(main, *TINY_DATA, "--data-dir", str(tmp_path / "empty"), *args)
+    assert code == 2
+    assert message in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
     assert store.runs() == []
 
 
