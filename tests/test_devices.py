@@ -40,7 +40,7 @@ def accelerator(monkeypatch, kind: str | None):
 
 def auto(caplog) -> torch.device:
     with caplog.at_level(logging.INFO, logger="pipelines"):
-        return resolve_device(ExecutionConfig(device="auto"))
+        return resolve_device(ExecutionConfig(device="auto"), announce=True)
 
 
 def announced(caplog) -> list[str]:

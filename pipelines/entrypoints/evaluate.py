@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.recording.run_description import run_name
     from pipelines.tracking.runs import entry_point_run
 
+    resolve_device(ExecutionConfig(device=args.device), announce=True)  # past every check: say which
     with entry_point_run(args.experiment, args.run_name or f"evaluate · {run_name(resolved.config)}") as logger:
         metrics = evaluate_model(resolved, device, logger, k=args.k, limit_test=args.limit_test,
                                  data_dir=args.data_dir, images_per_pass=args.images_per_pass, seed=args.seed,

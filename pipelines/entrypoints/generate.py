@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         images = model.sample(None, n, generator=generator)
         rows = ["unconditional"]
+    resolve_device(ExecutionConfig(device=args.device), announce=True)  # past every check: say which
     with entry_point_run(args.experiment, args.run_name) as logger, tempfile.TemporaryDirectory() as tmp:
         grid = Path(tmp) / Path(GRID_ARTIFACT).name
         save_image(images.float().cpu(), grid, nrow=n, padding=GRID_PADDING, pad_value=1.0)

@@ -101,6 +101,8 @@ def code_version() -> tuple[dict, str]:
     """The code's record (commit, dirty, diff checksum) and its uncommitted diff ('' when clean)."""
     commit, dirty = git_commit()
     diff = git_diff() if dirty else ""
+    # Committed between the two git calls (or no diff to be had): no empty code.diff that says nothing.
+    dirty = dirty and bool(diff)
     return {"git_commit": commit, "git_dirty": dirty, "diff_artifact": DIFF_FILE if dirty else None,
             "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if dirty else None}, diff
 

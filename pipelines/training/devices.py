@@ -85,13 +85,16 @@ def _unavailable(config: ExecutionConfig, kind: str) -> ConfigError:
                        f"choose one of {', '.join(available_devices())}")
 
 
-def resolve_device(config: ExecutionConfig) -> torch.device:
-    """``execution.device`` as a torch device this machine has; a one-line ``ConfigError`` otherwise."""
+def resolve_device(config: ExecutionConfig, announce: bool = False) -> torch.device:
+    """``execution.device`` as a torch device this machine has; a one-line ``ConfigError`` otherwise.
+    ``announce``: say which device ``auto`` chose, once per process. Only where the work begins (the
+    training loop, an evaluation or generation past its checks): a command refused for bad input
+    says one line, the reason, and nothing before it."""
     if config.device == "auto":
         device, reason = machine_accelerator()
         device = device or torch.device("cpu")
         said = f"device: auto chose {device} ({reason or device_summary(device)})"
-        if said not in _announced:
+        if announce and said not in _announced:
             _announced.add(said)
             log.info(said)
         return device

@@ -164,7 +164,7 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
     best validation epoch's weights, or with ``optim.restore_best=false`` the last epoch's (as Keras
     does without restore_best_weights); record it with ``pipelines.recording.record.record_run``.
     """
-    device = resolve_device(config.execution)
+    device = resolve_device(config.execution, announce=True)
     configure_threads(config.execution)
     keep_freed_memory()
     determinism = configure_determinism(is_deterministic(config.execution, device))
