@@ -63,8 +63,8 @@ class Sizes:
 
 FULL_SIZES = Sizes(loop_images=20_000, loop_epochs=2, recording_images=0, recording_epochs=5, study_space="default",
                    study_images=10_000, study_epochs=2, study_trials=6)
-QUICK_SIZES = Sizes(loop_images=2_000, loop_epochs=1, recording_images=1_000, recording_epochs=1,
-                    study_space="smoke", study_images=1_000, study_epochs=1, study_trials=2)
+QUICK_SIZES = Sizes(loop_images=1_000, loop_epochs=1, recording_images=500, recording_epochs=1,
+                    study_space="smoke", study_images=500, study_epochs=1, study_trials=2)
 
 
 def measure_recording(table: Table, workdir: Path, sizes: Sizes) -> None:
