@@ -49,26 +49,13 @@ def test_a_training_run_records_cpu_and_memory_as_system_metrics(conditional_run
 
 
 @pytest.mark.slow
-def test_the_train_entry_point_takes_system_metrics_false_as_mlflow_run_passes_it(store, monkeypatch):
+def test_the_train_entry_point_takes_system_metrics_false_as_mlflow_run_passes_it(store, in_process):
     """`-P system_metrics=false` reaches the entry point as `--system_metrics false`; the run records
     everything else and no system metric (the shared session run shows the default, on)."""
-    import mlflow
-
-    from pipelines.entrypoints.common import exit_code
     from pipelines.entrypoints.train import main
-    from pipelines.tracking.runs import configure_tracking
 
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "CVAE_DATA_DIR", "CVAE_OFFLINE"):
-        monkeypatch.setenv(name, store.env[name])
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.chdir(store.root)
-    previous = mlflow.get_tracking_uri()
-    configure_tracking()
-    try:
-        code = exit_code(main, [*TINY_DATA[:2], "--limit-train", "200", "--val-size", "100", "--limit-test", "100",
-                                "--epochs", "1", "--hidden", "16", "--system_metrics", "false"])
-    finally:
-        mlflow.set_tracking_uri(previous)
+    code, _ = in_process(main, *TINY_DATA[:2], "--limit-train", "200", "--val-size", "100", "--limit-test", "100",
+                         "--epochs", "1", "--hidden", "16", "--system_metrics", "false")
     assert code == 0
     (run,) = store.runs()
     assert run.info.status == "FINISHED" and run.data.params["execution.system_metrics"] == "False"

@@ -14,11 +14,13 @@ that is passed over with a warning and a classifier is trained anew.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -155,13 +157,13 @@ def _train_and_log(client: MlflowClient, data: DataConfig, key: str, train_size:
         test_accuracy = accuracy(net, splits.test.images, splits.test.labels)
         seconds = time.perf_counter() - started
         logger.log_metrics({"test_accuracy": test_accuracy, "train_seconds": seconds}, step=epochs)
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, buffer)
         with tempfile.TemporaryDirectory(prefix="cvae-classifier-") as tmp:
-            weights_file = f"{tmp}/{WEIGHTS_ARTIFACT}"
-            torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, weights_file)
-            client.log_artifact(run_id, weights_file)
-            with open(weights_file, "rb") as handle:
-                digest = hashlib.sha256(handle.read()).hexdigest()
-        logger.set_tags({WEIGHTS_DIGEST_TAG: digest})
+            weights_file = Path(tmp, WEIGHTS_ARTIFACT)
+            weights_file.write_bytes(buffer.getvalue())
+            client.log_artifact(run_id, str(weights_file))
+        logger.set_tags({WEIGHTS_DIGEST_TAG: hashlib.sha256(buffer.getvalue()).hexdigest()})
         info = mlflow.pytorch.log_model(
             net.to("cpu"), name="classifier", run_id=run_id, model_id=new_logged_model(client, run_id, "classifier"),
             signature=_signature(net),
@@ -214,15 +216,14 @@ def _load_weights(client: MlflowClient, run, data: DataConfig, device: torch.dev
             path = client.download_artifacts(run.info.run_id, WEIGHTS_ARTIFACT, tmp)
         except Exception as error:  # MLflow raises several kinds for a missing artifact
             raise CachedClassifierRefused(f"its {WEIGHTS_ARTIFACT} cannot be read ({type(error).__name__})") from None
-        with open(path, "rb") as handle:
-            content = handle.read()
-        if hashlib.sha256(content).hexdigest() != expected:
-            raise CachedClassifierRefused(f"its {WEIGHTS_ARTIFACT} does not match its {WEIGHTS_DIGEST_TAG} tag")
-        try:
-            state = torch.load(path, map_location=device, weights_only=True)
-        except Exception as error:
-            raise CachedClassifierRefused(f"its {WEIGHTS_ARTIFACT} is not a plain state_dict "
-                                          f"({type(error).__name__})") from None
+        content = Path(path).read_bytes()
+    if hashlib.sha256(content).hexdigest() != expected:
+        raise CachedClassifierRefused(f"its {WEIGHTS_ARTIFACT} does not match its {WEIGHTS_DIGEST_TAG} tag")
+    try:
+        state = torch.load(io.BytesIO(content), map_location=device, weights_only=True)
+    except Exception as error:
+        raise CachedClassifierRefused(f"its {WEIGHTS_ARTIFACT} is not a plain state_dict "
+                                      f"({type(error).__name__})") from None
     image_shape, num_classes = dataset_shape(data)
     net = ImageClassifier(image_shape, num_classes).to(device)
     try:

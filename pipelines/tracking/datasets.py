@@ -76,9 +76,11 @@ def _local_source(path: str):
 
 def log_dataset(logger: RunLogger, config: RunConfig, splits: DatasetSplits) -> None:
     inputs = dataset_inputs(config, splits)
+    from mlflow.exceptions import MlflowException
+
     try:
         logger.client.log_inputs(logger.run_id, datasets=inputs)
-    except Exception:  # noqa: BLE001 - MLflow wraps the store's IntegrityError in MlflowException
+    except MlflowException:  # the store's IntegrityError, wrapped
         # MLflow's SQL store checks for a dataset, then inserts it: two workers logging the same
         # dataset at once can both miss it and one insert fails on the unique key. Once more,
         # the dataset is there and is only linked to this run.
