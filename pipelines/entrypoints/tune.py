@@ -16,6 +16,7 @@ from pipelines.entrypoints.common import run_main
 from pipelines.metrics import OBJECTIVES
 from pipelines.studies.settings import (
     DEFAULT_TRIALS,
+    MAX_FUSE,
     PRUNERS,
     SAMPLERS,
     TRIAL_ARTIFACTS,
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(study, "workers", type=integer(), default=DEFAULTS.workers,
              help="worker processes this command starts on the study (default %(default)s; each CPU worker gets "
                   "cores / workers threads unless --threads is given; GPUs are shared out among them)")
+    add_flag(study, "fuse", type=integer(), default=DEFAULTS.fuse,
+             help="trials asked from Optuna at a time; those of one structure (architecture, widths, latent size, "
+                  "batch size...) train at once as one fused model, each still a full trial "
+                  f"(1..{MAX_FUSE}; default %(default)s: one at a time, each alone)")
     add_flag(study, "trial_artifacts", default=DEFAULTS.trial_artifacts,
              help=f"{', '.join(TRIAL_ARTIFACTS)} (default %(default)s): every trial keeps its metrics, model and "
                   "manifest; 'best' gives test metrics, figures, evaluation and the generator to the chosen "
@@ -111,7 +116,8 @@ def settings_from_args(args: argparse.Namespace, seed: int) -> StudySettings:
         pruner_startup_trials=args.pruner_startup_trials, pruner_warmup_epochs=args.pruner_warmup_epochs,
         n_trials=args.n_trials, timeout=args.timeout,
         register_as="" if register_as == NO_REGISTRATION else register_as,
-        heartbeat_grace_s=args.heartbeat_grace, trial_artifacts=args.trial_artifacts, workers=args.workers)
+        heartbeat_grace_s=args.heartbeat_grace, trial_artifacts=args.trial_artifacts, workers=args.workers,
+        fuse=args.fuse)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

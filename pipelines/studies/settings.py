@@ -24,6 +24,8 @@ DEFAULT_TRIALS = 20
 # manifest, and gives figures, test metrics, evaluation and the generator to the chosen trials only;
 # "all" records everything for every trial.
 TRIAL_ARTIFACTS = ("best", "all")
+# Most trials trained at once as one fused model (`--fuse`): far beyond what one device holds of these models.
+MAX_FUSE = 1024
 REGISTERED_MODEL = "the registered model's name"
 
 
@@ -56,6 +58,9 @@ class StudySettings:
     heartbeat_grace_s: int = HEARTBEAT_GRACE_S
     trial_artifacts: str = "best"
     workers: int = 1  # worker processes this invocation starts on the study
+    # Trials asked at a time and trained fused where they share a structure (studies.fused_trials); 1: one
+    # at a time, each alone. 1 by default: on the CPU it was measured to gain little (benchmarks/RESULTS.md).
+    fuse: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "objectives", tuple(objective_name(name) for name in self.objectives))
@@ -81,6 +86,8 @@ class StudySettings:
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
         if self.register_as:
             check_model_name(self.register_as)
+        require(isinstance(self.fuse, int) and 1 <= self.fuse <= MAX_FUSE, "fuse", self.fuse,
+                f"an integer in 1..{MAX_FUSE} (trials trained at once as one fused model; 1 = each alone)")
 
     @property
     def multi_objective(self) -> bool:
@@ -104,4 +111,5 @@ def study_params(settings: StudySettings) -> dict[str, object]:
             "study.sampler": settings.sampler, "study.sampler_seed": settings.sampler_seed,
             "study.pruner": settings.pruner if settings.prunes else "none",
             "study.n_trials": settings.n_trials or "", "study.timeout": settings.timeout or "",
-            "study.workers": settings.workers, "study.trial_artifacts": settings.trial_artifacts}
+            "study.workers": settings.workers, "study.trial_artifacts": settings.trial_artifacts,
+            "study.fuse": settings.fuse}
