@@ -8,6 +8,7 @@ import sys
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from conftest import (
@@ -93,7 +94,7 @@ def test_a_bad_fuse_value_fails_in_one_line(in_store, capsys, value):
         run_main(tune.main, [*SMALL, "--study", "bad", "--storage", storage_url(in_store), "--fuse", value])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
-    assert err[-1].startswith("error: ") and "fuse" in err[-1] and "Traceback" not in "\n".join(err), err
+    assert len(err) == 1 and err[0].startswith("error: ") and "fuse" in err[0], err
     assert in_store.runs() == []
 
 
@@ -153,3 +154,27 @@ def test_a_sigkilled_fused_worker_leaves_its_trials_to_the_next_worker(store):
         assert crashed.data.tags[FUSED_POPULATION_TAG] == "2"
     assert [t.params for t in study.trials[2:]] == [t.params for t in study.trials[:2]], "retried as they were"
     assert_no_running(store)
+
+
+def test_fuse_auto_sizes_the_population_from_free_memory_on_cuda_and_is_one_on_the_cpu(monkeypatch):
+    from pipelines.config import RunConfig, with_overrides
+    from pipelines.studies import fused_trials
+    from pipelines.training.fused import member_bytes
+
+    base = RunConfig()
+    per_member = member_bytes(base, (1, 28, 28), 10)
+    cuda = torch.device("cuda", 0)  # only its type is read: no GPU needed
+
+    def with_free(gib: float, n_trials):
+        monkeypatch.setattr(fused_trials, "free_memory_bytes", lambda device: int(gib * 2**30))
+        return fused_trials.choose_fuse("auto", base, cuda, (1, 28, 28), 10, n_trials)
+
+    assert with_free(1.0, 1000) == int(2**30 * fused_trials.AUTO_FUSE_MEMORY_SHARE // per_member) < 64
+    assert with_free(139.0, 100) == 25  # a quarter of the trials: the sampler learns from four populations
+    assert with_free(139.0, None) == fused_trials.AUTO_FUSE_MOST
+    assert with_free(0.001, 100) == 1  # less than a member: one at a time, never zero
+    assert fused_trials.choose_fuse("auto", base, torch.device("cpu"), (1, 28, 28), 10, 100) == \
+        fused_trials.CPU_AUTO_FUSE
+    assert fused_trials.choose_fuse(7, base, cuda, (1, 28, 28), 10, 100) == 7
+    conv = member_bytes(with_overrides(base, {"model.arch": "conv"}), (1, 28, 28), 10)
+    assert conv > per_member  # convolutions' activations are counted, not only weights

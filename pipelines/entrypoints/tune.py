@@ -16,6 +16,7 @@ from pipelines.entrypoints.common import run_main
 from pipelines.metrics import OBJECTIVES
 from pipelines.studies.settings import (
     DEFAULT_TRIALS,
+    FUSE_AUTO,
     MAX_FUSE,
     PRUNERS,
     SAMPLERS,
@@ -83,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(study, "workers", type=integer(), default=DEFAULTS.workers,
              help="worker processes this command starts on the study (default %(default)s; each CPU worker gets "
                   "cores / workers threads unless --threads is given; GPUs are shared out among them)")
-    add_flag(study, "fuse", type=integer(), default=DEFAULTS.fuse,
+    add_flag(study, "fuse", type=fuse_value, default=DEFAULTS.fuse,
              help="trials asked from Optuna at a time; those of one structure (architecture, widths, latent size, "
                   "batch size...) train at once as one fused model, each still a full trial "
-                  f"(1..{MAX_FUSE}; default %(default)s: one at a time, each alone)")
+                  f"(1..{MAX_FUSE}, 1: each alone; default %(default)s: sized from the device's free memory on "
+                  "CUDA, 1 on the CPU)")
     add_flag(study, "trial_artifacts", default=DEFAULTS.trial_artifacts,
              help=f"{', '.join(TRIAL_ARTIFACTS)} (default %(default)s): every trial keeps its metrics, model and "
                   "manifest; 'best' gives test metrics, figures, evaluation and the generator to the chosen "
@@ -102,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(STOP_AT_TRIALS_FLAG, dest="stop_at_trials", type=integer(1), default=None, help=argparse.SUPPRESS)
     add_config_arguments(parser)
     return parser
+
+
+def fuse_value(text: str) -> int | str | None:
+    """``--fuse``: "auto" or an integer (its range is StudySettings' to check, in one line)."""
+    return FUSE_AUTO if text.strip().lower() == FUSE_AUTO else integer()(text)
 
 
 def settings_from_args(args: argparse.Namespace, seed: int) -> StudySettings:

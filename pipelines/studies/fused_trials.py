@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import warnings
 from typing import Sequence
 
 import optuna
+import torch
 from mlflow.exceptions import MlflowException
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from pipelines.config import RunConfig
 from pipelines.studies.objective import TRIAL_FAILURES, TrialObjective, note_failure
+from pipelines.studies.settings import FUSE_AUTO
 from pipelines.studies.trial_runs import close_abandoned_trial
 from pipelines.tracking.runs import RunLogger
-from pipelines.training.fused import Member, fusion_refusal_for, structure_key, train_fused
+from pipelines.training.devices import free_memory_bytes
+from pipelines.training.fused import Member, fusion_refusal_for, member_bytes, structure_key, train_fused
 from pipelines.training.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,35 @@ class _Asked:
     def __init__(self, trial: optuna.Trial, stack: contextlib.ExitStack, logger: RunLogger):
         self.trial, self.stack, self.logger = trial, stack, logger
         self.config: RunConfig | None = None
+
+
+# fuse="auto". On CUDA: as many trials at a time as a quarter of the free memory holds (workers may
+# share the device), at most AUTO_FUSE_MOST, and at most a quarter of the trials, so that the sampler
+# learns from at least four populations (it sees nothing of a population's results until it ends).
+# On the CPU: CPU_AUTO_FUSE, from benchmarks/RESULTS.md (fused trials on 2 cores).
+AUTO_FUSE_MOST, AUTO_FUSE_MEMORY_SHARE, AUTO_FUSE_ROUNDS = 64, 0.25, 4
+CPU_AUTO_FUSE = 1
+
+
+def choose_fuse(fuse: int | str, base: RunConfig, device: torch.device, image_shape, num_classes: int,
+                n_trials: int | None) -> int:
+    """The number of trials to ask at a time: ``fuse`` itself, or for "auto" what the device gains from
+    (said in one line)."""
+    if fuse != FUSE_AUTO:
+        return int(fuse)
+    if device.type != "cuda":
+        log.info(f"fuse=auto: {CPU_AUTO_FUSE} trial(s) at a time on {device} (fused trials gain little on a "
+                 "CPU: benchmarks/RESULTS.md)")
+        return CPU_AUTO_FUSE
+    per_member = member_bytes(base, image_shape, num_classes)
+    free = free_memory_bytes(device) or 0
+    by_memory = max(1, int(free * AUTO_FUSE_MEMORY_SHARE // per_member))
+    by_trials = AUTO_FUSE_MOST if n_trials is None else max(1, math.ceil(n_trials / AUTO_FUSE_ROUNDS))
+    chosen = min(AUTO_FUSE_MOST, by_memory, by_trials)
+    log.info(f"fuse=auto: up to {chosen} trials at a time on {device} (a member needs about "
+             f"{per_member / 2**20:,.0f} MiB, {free / 2**30:,.1f} GiB free; at most {AUTO_FUSE_MOST}, and a "
+             f"quarter of the {n_trials if n_trials is not None else 'unlimited'} trials)")
+    return chosen
 
 
 def population_size(fuse: int, n_trials: int | None, done: int, study: optuna.Study,

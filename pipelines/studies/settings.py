@@ -26,6 +26,7 @@ DEFAULT_TRIALS = 20
 TRIAL_ARTIFACTS = ("best", "all")
 # Most trials trained at once as one fused model (`--fuse`): far beyond what one device holds of these models.
 MAX_FUSE = 1024
+FUSE_AUTO = "auto"
 REGISTERED_MODEL = "the registered model's name"
 
 
@@ -59,8 +60,8 @@ class StudySettings:
     trial_artifacts: str = "best"
     workers: int = 1  # worker processes this invocation starts on the study
     # Trials asked at a time and trained fused where they share a structure (studies.fused_trials); 1: one
-    # at a time, each alone. 1 by default: on the CPU it was measured to gain little (benchmarks/RESULTS.md).
-    fuse: int = 1
+    # at a time, each alone; "auto": as many as the device gains from (fused_trials.choose_fuse).
+    fuse: int | str = FUSE_AUTO
 
     def __post_init__(self):
         object.__setattr__(self, "objectives", tuple(objective_name(name) for name in self.objectives))
@@ -86,8 +87,10 @@ class StudySettings:
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
         if self.register_as:
             check_model_name(self.register_as)
-        require(isinstance(self.fuse, int) and 1 <= self.fuse <= MAX_FUSE, "fuse", self.fuse,
-                f"an integer in 1..{MAX_FUSE} (trials trained at once as one fused model; 1 = each alone)")
+        require(self.fuse == FUSE_AUTO or (isinstance(self.fuse, int) and not isinstance(self.fuse, bool)
+                                           and 1 <= self.fuse <= MAX_FUSE), "fuse", self.fuse,
+                f"{FUSE_AUTO!r} or an integer in 1..{MAX_FUSE} (trials trained at once as one fused model; "
+                "1 = each alone)")
 
     @property
     def multi_objective(self) -> bool:

@@ -75,6 +75,36 @@ def fusion_refusal_for(config: RunConfig) -> str | None:
     return None
 
 
+# Training holds each parameter four times (weights, gradients, Adam's two moments); each activation
+# a batch keeps for the backward pass about three times (itself, its gradient, a temporary).
+PARAMETER_COPIES, ACTIVATION_COPIES = 4, 3
+
+
+def member_bytes(config: RunConfig, image_shape, num_classes: int) -> int:
+    """About how much device memory one member of a fused group of ``config`` takes while training: its
+    parameters' copies and one batch's activations, every module's output counted in a forward pass on
+    the meta device (no memory, no arithmetic), so convolutions are counted as well as dense layers."""
+    outputs = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal outputs
+        outputs += sum(t.numel() for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor))
+
+    batch = config.optim.batch_size
+    with torch.device("meta"):
+        model = cvae.build(config.model, image_shape, num_classes).train()
+        leaves = [m for m in model.modules() if next(m.children(), None) is None]
+        handles = [m.register_forward_hook(count) for m in leaves]
+        try:
+            labels = torch.zeros(batch, dtype=torch.long) if model.conditional else None
+            model(torch.zeros((batch, *image_shape)), labels, noise=torch.zeros((batch, model.latent_dim)))
+        finally:
+            for handle in handles:
+                handle.remove()
+        parameters = sum(p.numel() for p in model.parameters())
+    return 4 * (PARAMETER_COPIES * parameters + ACTIVATION_COPIES * (outputs + batch * math.prod(image_shape)))
+
+
 @dataclass
 class Member:
     """One run of a fused group: its configuration, where it logs, its ``on_epoch`` and its name in the log."""
