@@ -17,6 +17,7 @@ from pipelines.config import RunConfig, with_overrides
 from pipelines.evaluation.evaluate import LIKELIHOOD_KIND_TAG, iwae_metric
 from pipelines.recording.record import BEST_TRIAL, DETAIL_TAG, FULL, TRIAL
 from pipelines.reproduce import AGREES
+from pipelines.studies.fused_trials import FUSED_POPULATION_TAG
 from pipelines.studies.sampling import trial_seed
 from pipelines.studies.workers import plan_workers, worker_command
 
@@ -108,9 +109,10 @@ def test_trial_artifacts_all_records_everything_for_every_trial(store):
 
 
 @pytest.mark.slow
-def test_workers_started_by_one_command_share_the_cpu_and_never_repeat_a_trial(store):
+def test_workers_started_by_one_command_share_the_cpu_fuse_their_trials_and_never_repeat_one(store):
+    """Two workers, each asking two trials at a time of a space where every trial fuses (`--fuse 2`)."""
     study, runs, parents, done = run_study(store, "pool", "--workers", "2", "--n-trials", "4", "--pruner", "none",
-                                           "--register-as", "none")
+                                           "--register-as", "none", "--space", "optimiser", "--fuse", "2")
     assert "worker 0:" in done.stderr and "worker 1:" in done.stderr  # the log
     assert len(parents) == 1, "the workers report to the one parent run of the command"
     (parent,) = parents
@@ -123,6 +125,7 @@ def test_workers_started_by_one_command_share_the_cpu_and_never_repeat_a_trial(s
     assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in trials)
     for child in children:
         assert child.data.params["execution.threads"] == "1", "2 cores shared by 2 workers"
+        assert child.data.tags[FUSED_POPULATION_TAG] == "2", "each worker trained its trials fused, in pairs"
     drawn = [json.dumps(t.params, sort_keys=True) for t in trials]
     assert len(set(drawn)) == len(drawn), f"workers repeated each other's trials: {drawn}"
     best = min(trials, key=lambda t: t.value)
