@@ -141,7 +141,8 @@ def test_classifier_is_logged_as_its_own_model_with_its_cache_key(conditional_ru
     assert run.info.status == "FINISHED" and run.info.run_id == classifier.run_id
     tags = run.data.tags
     assert tags["dataset"] == "fashion-mnist" and tags["train_size"] == "3000" and tags["epochs"] == "2"
-    assert tags["cache_key"] == cache_key("fashion-mnist", 3000, 2) != cache_key("fashion-mnist", 0, 2)
+    assert tags["cache_key"] == cache_key("fashion-mnist", (1, 28, 28), 10, 3000, 2) != cache_key(
+        "fashion-mnist", (1, 28, 28), 10, 0, 2)
     assert float(tags["test_accuracy"]) == pytest.approx(classifier.test_accuracy, abs=1e-4)
     assert 0.5 < classifier.test_accuracy < 1.0  # 3000 images, two epochs: well above chance
     assert tags["model_uri"] == classifier.model_uri
