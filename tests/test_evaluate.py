@@ -252,6 +252,32 @@ def test_bits_per_dim_only_for_exact_likelihoods_and_nll_names_only_for_them():
     assert iwae_metric("cross-entropy", 10) == iwae_metric("continuous-density", 10) == "test/iwae_bound_k10"
 
 
+@pytest.mark.parametrize("likelihood, binarize, bits", [("discretized_logistic", "none", True),
+                                                         ("bernoulli", "none", False)])
+def test_a_colour_model_on_8_bit_data_reports_bits_per_dim_over_c_h_w(likelihood, binarize, bits):
+    import cvae
+    from cvae import ModelConfig
+    from pipelines.data import Batcher, SplitData
+    from pipelines.evaluation.evaluate import likelihood_metrics
+
+    shape = (3, 20, 24)
+    torch.manual_seed(0)
+    model = cvae.build(ModelConfig(arch="conv", channels=(4, 8), latent_dim=2, conditioning="decoder",
+                                   likelihood=likelihood), shape, 3).eval()
+    images = torch.randint(0, 256, (12, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    split = SplitData("test", images, torch.arange(12) % 3)
+    metrics, details = likelihood_metrics(model, split, Batcher(binarize, 0, torch.device("cpu")), k=4, seed=0)
+    if bits:  # exact-discrete: an NLL bound, and bits/dim over D = 3 * 20 * 24 = 1440 dimensions
+        assert details["likelihood_kind"] == "exact-discrete"
+        assert metrics["test/iwae_nll_k4_bits_per_dim"] == pytest.approx(
+            metrics["test/iwae_nll_k4"] / (1440 * math.log(2)))
+        # uniform 8-bit noise: no model codes it below 8 bits/dim; an untrained net is not far above
+        assert 8 < metrics["test/iwae_nll_k4_bits_per_dim"] < 12
+    else:  # a Bernoulli cross-entropy of colour levels: a bound of that, and no bits/dim
+        assert details["likelihood_kind"] == "cross-entropy"
+        assert "test/iwae_bound_k4" in metrics and not any(name.endswith("_bits_per_dim") for name in metrics)
+
+
 COLLAPSED = {"posterior_collapse": True, "active_units": 0, "kl": 0.01}
 
 
