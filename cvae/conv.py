@@ -2,7 +2,10 @@
 
 Each encoder stage halves the spatial size with a 3x3 stride-2 convolution (size -> ceil(size/2)).
 The encoder records every intermediate size, and the decoder retraces them in reverse, so any
-H x W >= 1 and any number of stages round-trip without cropping or padding.
+H x W >= 1 and any number of stages round-trip without cropping or padding. With three stages,
+20x24 goes 20x24 -> 10x12 -> 5x6 -> 3x3 and the decoder comes back 3x3 -> 5x6 -> 10x12 -> 20x24
+(transposed convolutions with output_padding 0 where the size was odd, 1 where it was even; or
+nearest upsampling to the recorded size); 64x64 halves evenly, 64 -> 32 -> 16 -> 8 and back.
 """
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ class CVAE(nn.Module):
 
         What the number is depends on the likelihood and the data (cvae.likelihood.likelihood_kind):
         an exact negative log-probability for ``discretized_logistic`` (256 levels) and for
-        ``bernoulli`` on binary pixels, a cross-entropy for ``bernoulli`` on grayscale pixels, a
+        ``bernoulli`` on binary pixels, a cross-entropy for ``bernoulli`` on non-binary pixels, a
         negative log-density for ``gaussian``.
         """
         decoded, x = decoded.float(), x.float()

@@ -3,8 +3,8 @@ headline metrics a run's page shows. Names and units are defined here only.
 
 Losses are nats per example. What a negative ELBO or an IWAE value bounds depends on the run's
 likelihood kind (``cvae.likelihood``, recorded as the run tag ``likelihood_kind``): only the exact
-kinds bound −log p(x) of the data; Bernoulli on grey pixels gives a cross-entropy, a Gaussian a
-density. So the names say "neg_elbo" and "bound", and the labels say what is bounded.
+kinds bound −log p(x) of the data; Bernoulli on non-binary pixels (grey or colour levels) gives a
+cross-entropy, a Gaussian a density. So the names say "neg_elbo" and "bound", and the labels say what is bounded.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def what_is_bounded(kind: str | None) -> str:
     if kind and is_exact(kind):
         return "upper bound on −log p(x)"
     if kind == CROSS_ENTROPY:
-        return "bound on a Bernoulli cross-entropy of grey pixels, not −log p(x)"
+        return "bound on a Bernoulli cross-entropy of non-binary pixels, not −log p(x)"
     if kind == CONTINUOUS_DENSITY:
         return "bound on −log density, not a probability"
     return "upper bound; see the run's likelihood_kind"

@@ -44,7 +44,7 @@ def cache(store, tiny_mnist, monkeypatch):
 def plant(client, data: DataConfig, tmp_path, payload: bytes, digest: str | None) -> str:
     """A FINISHED run under the cache key with ``payload`` as its weights file and its model."""
     experiment = client.get_experiment_by_name(CLASSIFIER_EXPERIMENT).experiment_id
-    tags = {"cache_key": cache_key(data.dataset, TRAIN_SIZE, EPOCHS)}
+    tags = {"cache_key": cache_key(data.dataset, (1, 28, 28), 10, TRAIN_SIZE, EPOCHS)}
     if digest is not None:
         tags[WEIGHTS_DIGEST_TAG] = digest
     run_id = client.create_run(experiment, tags=tags).info.run_id
@@ -85,3 +85,29 @@ def test_a_planted_or_altered_cache_run_is_passed_over_and_never_unpickled(cache
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     (warning,) = [w for w in warnings if "classifier" in w]
     assert warning.startswith(f"passing over cached classifier run {planted}: ") and "training a new one" in warning
+
+
+def test_the_key_names_the_image_shape_and_class_count():
+    key = cache_key("folder:/data/pets", (3, 20, 24), 3, 0, 2)
+    assert "|shape=3x20x24|classes=3|" in key
+    assert len({key, cache_key("folder:/data/pets", (1, 20, 24), 3, 0, 2),
+                cache_key("folder:/data/pets", (3, 24, 20), 3, 0, 2),
+                cache_key("folder:/data/pets", (3, 20, 24), 4, 0, 2)}) == 4
+
+
+def test_a_colour_classifier_of_any_size_trains_and_judges():
+    from pipelines.data import SplitData
+    from pipelines.evaluation.classifier import accuracy, judge_samples, train_net
+
+    # 3 classes told apart by which colour channel is bright: learnable in a few steps, even at 7x9.
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(96) % 3
+    images = torch.randint(0, 60, (96, 3, 7, 9), generator=g, dtype=torch.uint8)
+    images[torch.arange(96), labels] += 180
+    train = SplitData("train", images, labels)
+    net, losses = train_net(train, (3, 7, 9), 3, epochs=6, device=CPU)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert accuracy(net, images, labels) > 0.9
+    floats = images.float() / 255
+    judged = judge_samples(net, floats, labels, floats)
+    assert judged["accuracy"] > 0.9 and judged["frechet_distance"] == pytest.approx(0.0, abs=1e-6)

@@ -349,3 +349,84 @@ def test_activity_l2_is_refused_where_the_architecture_has_no_first_hidden_layer
 def test_new_model_fields_are_validated(field, kwargs):
     with pytest.raises(ConfigError, match=field):
         ModelConfig(**kwargs)
+
+
+# --- any image shape and class count ---------------------------------------------------------------
+
+SHAPES = [(3, 20, 24), (3, 64, 64), (1, 7, 9), (3, 32, 32)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("arch", ["mlp", "conv-transpose", "conv-upsample-bn"])
+def test_any_image_shape_and_class_count_trains(arch, shape):
+    # 3 classes; three stride-2 stages for conv, more than 7x9 has halvings in it.
+    kw = dict(ARCHS[arch], channels=(4, 4, 8)) if arch != "mlp" else ARCHS[arch]
+    model = _model(image_shape=shape, num_classes=3, **kw, conditioning="channel",
+                   likelihood="discretized_logistic", latent_dim=2)
+    x, y = _batch(n=4, shape=shape, num_classes=3)
+    x = torch.round(x * 255) / 255  # 8-bit levels, as the discretized logistic expects
+    out = model(x, y)
+    assert out.decoded.shape == x.shape  # exactly the input's shape: nothing cropped or padded
+    nll = model.reconstruction_nll(out.decoded, x)
+    assert nll.shape == (4,) and torch.isfinite(nll).all()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):  # a step, then the loss of the stepped model
+        out = model(x, y)
+        loss = cvae.negative_elbo(model.reconstruction_nll(out.decoded, x), out.mu, out.logvar, out.z, 1.0).loss
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # every weight learned
+    assert model.sample([0, 2], n=3).shape == (6, *shape)
+    with pytest.raises(ValueError, match=r"label 3 is outside \[0, 3\)"):
+        model.sample([3])
+
+
+@pytest.mark.parametrize("shape,sizes", [
+    # stride-2 stages: s -> ceil(s / 2); the decoder retraces the recorded sizes in reverse
+    ((3, 20, 24), [(20, 24), (10, 12), (5, 6), (3, 3)]),
+    ((3, 64, 64), [(64, 64), (32, 32), (16, 16), (8, 8)]),
+    ((1, 7, 9), [(7, 9), (4, 5), (2, 3), (1, 2)]),
+])
+@pytest.mark.parametrize("mode", ["transpose", "upsample"])
+def test_conv_stage_sizes_of_odd_and_large_images(shape, sizes, mode):
+    assert stage_sizes(shape[1], shape[2], 3) == sizes
+    model = _model(image_shape=shape, num_classes=3, arch="conv", channels=(2, 2, 2), conv_decoder=mode,
+                   conditioning="decoder", latent_dim=2)
+    h = model.decoder.project(torch.zeros(1, 2 + 3)).view(-1, *model.decoder.start_shape)
+    assert tuple(h.shape[-2:]) == sizes[-1]
+    seen = []
+    for stage in model.decoder.stages:
+        h = stage(h)
+        seen.append(tuple(h.shape[-2:]))
+    assert seen == sizes[-2::-1]
+    assert tuple(model.decoder.out(h).shape[1:]) == shape
+
+
+@pytest.mark.parametrize("arch", ["ref-conv-decoder-cond", "ref-conv-label-channel", "ref-conv-vae"])
+def test_reference_presets_take_28x28_of_any_channels_and_refuse_other_sizes_in_one_line(arch):
+    model = cvae.build(ModelConfig(arch=arch, conditioning="decoder", latent_dim=2), (3, 28, 28), 4)
+    x, y = _batch(n=2, shape=(3, 28, 28), num_classes=4)
+    assert model(x, y).decoded.shape == x.shape
+    with pytest.raises(ConfigError) as info:
+        cvae.build(ModelConfig(arch=arch, conditioning="decoder"), (3, 20, 24), 3)
+    assert str(info.value) == (f"model.arch={arch!r} is built for 28x28 images, got 20x24; "
+                               "choose model.arch=conv or mlp")
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), *SHAPES], ids=lambda s: "x".join(map(str, s)))
+def test_the_judge_classifier_takes_any_shape_and_class_count(shape):
+    from cvae.classifier_net import MAX_FEATURE_SIDE, ImageClassifier
+
+    net = ImageClassifier(shape, num_classes=7)
+    x = torch.rand(2, *shape)
+    assert net(x).shape == (2, 7) and net.embed(x).shape == (2, 128)
+    flat = net.features[0].in_features
+    side = [min((((s + 1) // 2) + 1) // 2, MAX_FEATURE_SIDE) for s in shape[1:]]
+    assert flat == 64 * side[0] * side[1]  # 28x28: 64*7*7 as before; 64x64: pooled to 8x8
+    if shape == (1, 28, 28):
+        assert flat == 64 * 7 * 7

@@ -141,7 +141,8 @@ def test_classifier_is_logged_as_its_own_model_with_its_cache_key(conditional_ru
     assert run.info.status == "FINISHED" and run.info.run_id == classifier.run_id
     tags = run.data.tags
     assert tags["dataset"] == "fashion-mnist" and tags["train_size"] == "3000" and tags["epochs"] == "2"
-    assert tags["cache_key"] == cache_key("fashion-mnist", 3000, 2) != cache_key("fashion-mnist", 0, 2)
+    assert tags["cache_key"] == cache_key("fashion-mnist", (1, 28, 28), 10, 3000, 2) != cache_key(
+        "fashion-mnist", (1, 28, 28), 10, 0, 2)
     assert float(tags["test_accuracy"]) == pytest.approx(classifier.test_accuracy, abs=1e-4)
     assert 0.5 < classifier.test_accuracy < 1.0  # 3000 images, two epochs: well above chance
     assert tags["model_uri"] == classifier.model_uri
@@ -249,6 +250,32 @@ def test_bits_per_dim_only_for_exact_likelihoods_and_nll_names_only_for_them():
     assert with_bits_per_dim(nats, "continuous-density", (1, 28, 28)) == nats
     assert iwae_metric("exact-binary", 10) == "test/iwae_nll_k10"
     assert iwae_metric("cross-entropy", 10) == iwae_metric("continuous-density", 10) == "test/iwae_bound_k10"
+
+
+@pytest.mark.parametrize("likelihood, binarize, bits", [("discretized_logistic", "none", True),
+                                                         ("bernoulli", "none", False)])
+def test_a_colour_model_on_8_bit_data_reports_bits_per_dim_over_c_h_w(likelihood, binarize, bits):
+    import cvae
+    from cvae import ModelConfig
+    from pipelines.data import Batcher, SplitData
+    from pipelines.evaluation.evaluate import likelihood_metrics
+
+    shape = (3, 20, 24)
+    torch.manual_seed(0)
+    model = cvae.build(ModelConfig(arch="conv", channels=(4, 8), latent_dim=2, conditioning="decoder",
+                                   likelihood=likelihood), shape, 3).eval()
+    images = torch.randint(0, 256, (12, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    split = SplitData("test", images, torch.arange(12) % 3)
+    metrics, details = likelihood_metrics(model, split, Batcher(binarize, 0, torch.device("cpu")), k=4, seed=0)
+    if bits:  # exact-discrete: an NLL bound, and bits/dim over D = 3 * 20 * 24 = 1440 dimensions
+        assert details["likelihood_kind"] == "exact-discrete"
+        assert metrics["test/iwae_nll_k4_bits_per_dim"] == pytest.approx(
+            metrics["test/iwae_nll_k4"] / (1440 * math.log(2)))
+        # uniform 8-bit noise: no model codes it below 8 bits/dim; an untrained net is not far above
+        assert 8 < metrics["test/iwae_nll_k4_bits_per_dim"] < 12
+    else:  # a Bernoulli cross-entropy of colour levels: a bound of that, and no bits/dim
+        assert details["likelihood_kind"] == "cross-entropy"
+        assert "test/iwae_bound_k4" in metrics and not any(name.endswith("_bits_per_dim") for name in metrics)
 
 
 COLLAPSED = {"posterior_collapse": True, "active_units": 0, "kl": 0.01}

@@ -16,12 +16,13 @@ from PIL import Image
 from conftest import SHARED_RUN_LATENT_DIM, assert_no_running, in_process_on
 from pipelines.entrypoints.generate import GRID_ARTIFACT, GRID_PADDING
 from pipelines.entrypoints.generate import main as generate_main
-from pipelines.models.generator_model import DEFAULT_MAX_ROWS, GenerationRequestError, GeneratorModel, generator_spec
+from pipelines.models.generator_model import GenerationRequestError, GeneratorModel, default_max_rows, generator_spec
 from pipelines.server_process import free_port, serving
 
 LATENT_DIM = SHARED_RUN_LATENT_DIM
 TILE = 28 + GRID_PADDING
 SERVE_START_TIMEOUT_S = 90
+DEFAULT_MAX_ROWS = 1000  # 1x28x28 images per request, by default
 
 
 def _grid_size(rows: int, columns: int) -> tuple[int, int]:
@@ -240,3 +241,106 @@ def test_a_latent_that_would_decode_to_nan_is_refused_not_answered(scoring_app, 
         next(generator.model.decoder.parameters()).fill_(float("nan"))  # any route to non-finite pixels
     with pytest.raises(GenerationRequestError, match=r"^z in row\(s\) 0, 1 decodes to non-finite pixels"):
         generator.predict(None, pd.DataFrame({"label": [1, 2]}))
+
+
+def test_the_default_row_cap_holds_the_same_pixel_values_for_every_image_shape():
+    assert default_max_rows((1, 28, 28)) == DEFAULT_MAX_ROWS
+    assert default_max_rows((3, 32, 32)) == 255 and default_max_rows((3, 64, 64)) == 63
+    assert default_max_rows((3, 4000, 4000)) == 1  # never 0
+
+
+# --- a colour model: 3 x 20 x 24, three classes, names from its metadata --------------------------------
+
+COLOUR_SHAPE = (3, 20, 24)
+COLOUR_CLASSES = ("cat", "dog", "a bird with a long name")
+
+
+def colour_model():
+    import cvae
+    from cvae import ModelConfig
+
+    torch.manual_seed(0)
+    model = cvae.build(ModelConfig(arch="conv", channels=(4, 8), latent_dim=2, conditioning="decoder"),
+                       COLOUR_SHAPE, len(COLOUR_CLASSES)).eval()
+    with torch.no_grad():
+        model.decoder.out.bias.copy_(torch.tensor([2.0, 0.0, -2.0]))  # red, mid green, little blue
+    return model
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory, data_dir):
+    """A run that logged a colour model and its generator as training does (log_model, log_generator),
+    its configuration naming MNIST: so the names below can only come from the logged metadata."""
+    from types import SimpleNamespace
+
+    from conftest import make_store
+    from pipelines.config import RunConfig
+    from pipelines.models.model_io import log_generator, log_model
+    from pipelines.tracking.runs import entry_point_run
+
+    store = make_store(tmp_path_factory.mktemp("colour"), data_dir)
+    model = colour_model()
+    config = RunConfig(model=model.config)
+    with pytest.MonkeyPatch.context() as monkeypatch, in_process_on(store, monkeypatch):
+        with entry_point_run(run_name="colour") as logger:
+            info = log_model(logger, model, config, COLOUR_CLASSES)
+            logger.set_tags({"model_uri": info.model_uri})
+            log_generator(logger, model, config, COLOUR_CLASSES)
+    (run,) = store.runs()
+    return SimpleNamespace(store=store, run=run, model=model)
+
+
+def test_generate_writes_a_colour_png_named_by_the_logged_classes(colour_run, monkeypatch, capsys, tmp_path):
+    run_id = colour_run.run.info.run_id
+    output = tmp_path / "grid.png"
+    with in_process_on(colour_run.store, monkeypatch, capsys) as run:
+        code, stderr = run(generate_main, "--model-uri", run_id, "--labels", "0,2", "--n", "4", "--output", str(output))
+        assert code == 0, stderr[-2000:]
+        refused, refusal = run(generate_main, "--model-uri", run_id, "--labels", "3")
+    c, h, w = COLOUR_SHAPE
+    with Image.open(output) as image:
+        assert image.mode == "RGB" and image.size == (4 * (w + GRID_PADDING) + GRID_PADDING,
+                                                      2 * (h + GRID_PADDING) + GRID_PADDING)
+        pixels = np.asarray(image, dtype=np.float64) / 255.0
+    tile = pixels[GRID_PADDING: GRID_PADDING + h, GRID_PADDING: GRID_PADDING + w]
+    red, green, blue = tile.reshape(-1, 3).mean(axis=0)
+    assert red > green + 0.2 and green > blue + 0.2  # the model's colours, not grey
+    assert refused == 2 and refusal.strip().endswith(
+        "expected comma-separated class ids 0..2 (cat, dog, a bird with a long name)"), refusal[-2000:]
+
+
+def test_the_colour_generator_loads_through_mlflow_with_its_shape_in_the_signature(colour_run, monkeypatch):
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.pyfunc import scoring_server
+
+    with in_process_on(colour_run.store, monkeypatch):
+        loaded = mlflow.pyfunc.load_model(colour_run.run.data.tags["generator_model_uri"])
+    (output,) = loaded.metadata.get_output_schema().inputs
+    assert output.shape == (-1, *COLOUR_SHAPE)
+    z = [[0.5, -1.0], [0.0, 2.0]]
+    images = loaded.predict(pd.DataFrame({"label": [0, 2], "z": z}))
+    with torch.no_grad():
+        expected = colour_run.model.mean_image(colour_run.model.decode(torch.tensor(z), torch.tensor([0, 2])))
+    torch.testing.assert_close(torch.from_numpy(images), expected)
+    answer = scoring_server.invocations(json.dumps({"inputs": {"label": [1, 2, 0]}}), "application/json", loaded,
+                                        loaded.metadata.get_input_schema())
+    assert answer.status == 200 and np.asarray(json.loads(answer.response)["predictions"]).shape == (3, *COLOUR_SHAPE)
+    assert loaded.unwrap_python_model().max_rows == default_max_rows(COLOUR_SHAPE) == 544
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_for_a_colour_model(colour_run, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", colour_run.run.data.tags["generator_model_uri"],
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with serving(command, f"{url}/ping", tmp_path / "serve.log", SERVE_START_TIMEOUT_S, colour_run.store.env,
+                 colour_run.store.root):
+        status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 2}, {"label": 0}]})
+        assert status == 200, body
+        images = np.asarray(body["predictions"], dtype=np.float64)
+        assert images.shape == (2, *COLOUR_SHAPE) and images.min() >= 0.0 and images.max() <= 1.0
+        status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 3}]})
+        assert status == 400 and ("labels are the integer class ids 0..2 (cat, dog, a bird with a long name)"
+                                  in body["message"]), body

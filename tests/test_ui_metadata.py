@@ -49,8 +49,8 @@ def test_run_description_has_model_data_metrics_with_units_and_figure_links():
     assert text.startswith("**mlp z=2 β=1**: a conditional VAE")
     assert "fashion-mnist" in text and "1000 training / 300 validation / 500 test images" in text
     assert "3 of up to 3 epochs (best epoch 3)" in text
-    # Bernoulli on grey pixels (the default): a cross-entropy, and the page says so.
-    assert ("| test negative ELBO (bound on a Bernoulli cross-entropy of grey pixels, not −log p(x), nats per "
+    # Bernoulli on non-binary pixels (the default): a cross-entropy, and the page says so.
+    assert ("| test negative ELBO (bound on a Bernoulli cross-entropy of non-binary pixels, not −log p(x), nats per "
             "example) | 250.1 | `test/neg_elbo` |") in text
     assert "`val/neg_elbo`" not in text  # the test set's number is shown; validation's would repeat it
     assert "[loss curves](#/experiments/1/runs/abc/artifacts/figures/loss_curves.png)" in text
@@ -58,7 +58,7 @@ def test_run_description_has_model_data_metrics_with_units_and_figure_links():
 
 
 @pytest.mark.parametrize("binarize, iwae, bound", [
-    ("none", "test/iwae_bound_k10", "bound on a Bernoulli cross-entropy of grey pixels, not −log p(x)"),
+    ("none", "test/iwae_bound_k10", "bound on a Bernoulli cross-entropy of non-binary pixels, not −log p(x)"),
     ("static", "test/iwae_nll_k10", "upper bound on −log p(x)"),
 ])
 def test_the_run_page_shows_the_iwae_the_run_logged_and_says_what_it_bounds(binarize, iwae, bound):
@@ -78,7 +78,8 @@ def test_study_description_links_the_best_trial_and_the_plots():
                              registered="models:/smoke@best")
     assert "**Optuna study `smoke`**: 3 trials (2 complete, 1 pruned, 0 fail)" in text
     assert "[trial-1 · conv z=8 β=1](#/experiments/1/runs/r1) with neg_elbo = 280.5 (validation negative ELBO" in text
-    assert "bound on a Bernoulli cross-entropy of grey pixels, not −log p(x); nats per example), latent_dim=8, lr=3e-4." in text
+    assert ("bound on a Bernoulli cross-entropy of non-binary pixels, not −log p(x); nats per example), "
+            "latent_dim=8, lr=3e-4.") in text
     assert "`models:/smoke@best`" in text and "[slice](#/experiments/1/runs/p/artifacts/plots/slice.html)" in text
 
 

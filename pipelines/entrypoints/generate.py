@@ -1,5 +1,6 @@
 """`generate` entry point: a PNG grid of samples from a logged model (a row per label, ``n`` per row),
-logged to a new MLflow run as ``generated/samples.png`` and optionally written to ``--output``."""
+logged to a new MLflow run as ``generated/samples.png`` and optionally written to ``--output``.
+The PNG is RGB: colour for a three-channel model, grey (equal channels) for a one-channel one."""
 from __future__ import annotations
 
 import argparse
@@ -88,14 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from pipelines.data import DATASETS
-    from pipelines.models.model_resolution import load_cvae, resolve_model
+    from pipelines.models.model_resolution import class_names_of, load_cvae, resolve_model
     from pipelines.tracking.runs import entry_point_run
 
     resolved = resolve_model(args.model_uri)
-    class_names = list(DATASETS[resolved.config.data.dataset].classes)
     model = load_cvae(resolved, device)
-    labels = parse_labels(args.labels, class_names[: model.num_classes])
+    class_names = class_names_of(resolved, model.num_classes)
+    labels = parse_labels(args.labels, class_names)
     rows = len(labels) if model.conditional else 1
     check_fits("n", n, rows * n * math.prod(model.image_shape) * BYTES_PER_GENERATED_PIXEL,
                f"{rows} row(s) of {n:,} images", device, "choose a smaller --n or fewer --labels")

@@ -55,7 +55,7 @@ def iwae_memory_bytes(k: int, images_per_pass: int, pixels: int) -> int:
 ACTIVE_UNIT_THRESHOLD = 0.01
 MAX_KL_DIM_METRICS = 32  # above this, KL per dimension only goes to the JSON artifact
 SAMPLE_BATCH = 1000
-SAMPLES_PER_CLASS_AT_TRAINING_END = 100  # one batch of 1000 samples for 10 classes
+SAMPLES_AT_TRAINING_END = 1000  # one batch, shared evenly by the classes (100 each of 10)
 UNITS_ARTIFACT = "evaluation/latent_units.json"
 # Posterior collapse: no latent dimension carries information about x. Either test is enough:
 # no active unit, or a total KL (nats per example) too small to encode anything useful.
@@ -205,12 +205,14 @@ def evaluate_model(resolved: ResolvedModel, device: torch.device, logger: RunLog
 
 def training_sample_accuracy(model: CVAE, splits: DatasetSplits, data: DataConfig, logger: RunLogger,
                              seed: int) -> dict[str, float]:
-    """Classifier-judged accuracy of one batch of conditional samples (SAMPLES_PER_CLASS_AT_TRAINING_END
-    per class). The judge is the cached classifier trained on as many training images as the run
-    (data.limit_train), so a quick run pays for a quick classifier only."""
+    """Classifier-judged accuracy of one batch of conditional samples: SAMPLES_AT_TRAINING_END, as
+    many of each class (rounded up to a whole number per class). The judge is the cached classifier
+    trained on as many training images as the run (data.limit_train), so a quick run pays for a
+    quick classifier only."""
     device = next(model.parameters()).device
     classifier = get_classifier(data, device, data.limit_train, DEFAULT_EPOCHS, client=logger.client)
-    labels = torch.arange(splits.num_classes, device=device).repeat(SAMPLES_PER_CLASS_AT_TRAINING_END)
+    per_class = math.ceil(SAMPLES_AT_TRAINING_END / splits.num_classes)
+    labels = torch.arange(splits.num_classes, device=device).repeat(per_class)
     samples = conditional_samples(model, labels, seed)
     return {"test/sample_accuracy": accuracy(classifier.net, samples, labels),
             "classifier/test_accuracy": classifier.test_accuracy}

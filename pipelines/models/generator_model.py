@@ -1,11 +1,14 @@
 """The generator flavour of a logged CVAE: an MLflow pyfunc that turns requested labels (and
-optional latent vectors) into images, so `mlflow models serve` can answer sample requests.
+optional latent vectors) into images of the model's shape (C, H, W), so `mlflow models serve` can
+answer sample requests.
 
 Request rows: ``label`` (an integer class id, required for a conditional model, ignored by an
 unconditional one; 3.5, "3" or true are refused, not truncated) and optional ``z`` (a list of
 ``latent_dim`` floats; drawn from N(0, I) when absent). The answer is a float32 array
-(rows, C, H, W) of mean images in [0, 1]. A request may ask for at most ``max_rows_per_request``
-rows (the spec's setting, default 1000: about 16 MB of JSON); more get HTTP 400.
+(rows, C, H, W) of mean images in [0, 1], the shape the signature's output names. A request may ask
+for at most ``max_rows_per_request`` rows (the spec's setting; by default as many images as hold
+MAX_VALUES_PER_REQUEST pixel values, about 16 MB of JSON: 1000 of 1x28x28, 255 of 3x32x32); more
+get HTTP 400.
 
 It is logged as a "model from code": MLflow executes this file when it loads the model, so it
 imports only cvae, torch, numpy, pandas and mlflow, never the pipelines package, and needs no
@@ -31,8 +34,9 @@ import cvae
 from cvae import CVAE, ModelConfig
 
 WEIGHTS_ARTIFACT = "weights"
-# 1000 images of 28x28 are about 16 MB of JSON; 20,000 made a 317 MB answer and a 960 MB worker.
-DEFAULT_MAX_ROWS = 1000
+# Pixel values in one answer: 784,000 (1000 images of 1x28x28) are about 16 MB of JSON; 20,000 such
+# images made a 317 MB answer and a 960 MB worker. Larger images get proportionally fewer rows.
+MAX_VALUES_PER_REQUEST = 784_000
 # The spec travels as an artifact, not as MLflow's model_config: MLflow would also log every
 # model_config entry as a run param, duplicating the run's configuration under other names.
 SPEC_ARTIFACT = "spec"
@@ -46,11 +50,19 @@ class GenerationRequestError(MlflowException):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def generator_spec(model: CVAE, class_names: list[str], max_rows_per_request: int = DEFAULT_MAX_ROWS) -> dict:
+def default_max_rows(image_shape) -> int:
+    """The rows a request may ask for by default: as many images as hold MAX_VALUES_PER_REQUEST values."""
+    return max(1, MAX_VALUES_PER_REQUEST // math.prod(int(s) for s in image_shape))
+
+
+def generator_spec(model: CVAE, class_names: list[str], max_rows_per_request: int | None = None) -> dict:
     """Everything besides the weights needed to rebuild ``model``, and the serving limits."""
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model of {model.num_classes} classes")
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
+    rows = default_max_rows(model.image_shape) if max_rows_per_request is None else max_rows_per_request
     return {"model": config, "image_shape": list(model.image_shape), "num_classes": model.num_classes,
-            "class_names": list(class_names), "max_rows_per_request": int(max_rows_per_request)}
+            "class_names": [str(name) for name in class_names], "max_rows_per_request": int(rows)}
 
 
 def generator_signature(model: CVAE) -> ModelSignature:
@@ -116,7 +128,7 @@ class GeneratorModel(PythonModel):
         else:  # generators logged before the spec became an artifact
             spec = context.model_config
         self.class_names = list(spec["class_names"])
-        self.max_rows = int(spec.get("max_rows_per_request", DEFAULT_MAX_ROWS))
+        self.max_rows = int(spec.get("max_rows_per_request") or default_max_rows(spec["image_shape"]))
         self.model = cvae.build(ModelConfig(**spec["model"]), tuple(spec["image_shape"]), int(spec["num_classes"]))
         state = torch.load(context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+from typing import Sequence
 
 import mlflow.pytorch
 import numpy as np
@@ -20,6 +21,7 @@ from pipelines.tracking.runs import REPO_ROOT, RunLogger, new_logged_model
 
 MODEL_NAME = "model"
 GENERATOR_NAME = "generator"
+CLASS_NAMES_KEY = "class_names"  # in the logged model's metadata (its MLmodel file)
 
 
 def signature_for(model: CVAE) -> ModelSignature:
@@ -37,8 +39,9 @@ def input_example_for(model: CVAE) -> dict[str, np.ndarray]:
             "labels": np.arange(2, dtype=np.int64) % model.num_classes}
 
 
-def log_model(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInfo:
-    """Log as a LoggedModel (MLflow 3) linked to the logger's run, with the cvae package as code.
+def log_model(logger: RunLogger, model: CVAE, config: RunConfig, class_names: Sequence[str]) -> ModelInfo:
+    """Log as a LoggedModel (MLflow 3) linked to the logger's run, with the cvae package as code and
+    the dataset's class names in its metadata (CLASS_NAMES_KEY; `generate` names its rows by them).
 
     The model is moved to the CPU first so it loads on machines without a GPU. The generator
     (``log_generator``) is a separate step: a study logs it for its chosen trials only.
@@ -51,6 +54,7 @@ def log_model(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInfo:
                 cpu_model, name=MODEL_NAME, run_id=logger.run_id,
                 model_id=new_logged_model(logger.client, logger.run_id, MODEL_NAME, flatten(config)),
                 signature=signature_for(cpu_model), input_example=input_example_for(cpu_model),
+                metadata={CLASS_NAMES_KEY: [str(name) for name in class_names]},
                 code_paths=[str(REPO_ROOT / "cvae")], params=flatten(config),
                 serialization_format="pickle",
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
@@ -60,16 +64,14 @@ def log_model(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInfo:
         model.to(device)
 
 
-def log_generator(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInfo:
+def log_generator(logger: RunLogger, model: CVAE, config: RunConfig, class_names: Sequence[str]) -> ModelInfo:
     """Log the generator pyfunc (labels in, images out) as its own LoggedModel, GENERATOR_NAME,
     and tag the run with its URI (`generator_model_uri`) so `mlflow models serve` can find it."""
     import mlflow.pyfunc
     from mlflow.models import Model
 
-    from pipelines.data import DATASETS
     from pipelines.models import generator_model
 
-    class_names = list(DATASETS[config.data.dataset].classes)
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.pt")
         torch.save({name: tensor.cpu() for name, tensor in model.state_dict().items()}, weights)

@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.config import RunConfig, from_params
 from pipelines.errors import UserError
-from pipelines.models.model_io import GENERATOR_NAME, MODEL_NAME
+from pipelines.models.model_io import CLASS_NAMES_KEY, GENERATOR_NAME, MODEL_NAME
 
 ACCEPTED_FORMS = "models:/<model_id>, models:/NAME@alias, models:/NAME/<version>, or a run id"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -113,3 +113,22 @@ def load_cvae(resolved: ResolvedModel, device: torch.device):
         raise UserError(f"model {resolved.model_uri} (run {resolved.source_run_id}) cannot be loaded: its files "
                         f"are missing or unreadable{where} ({reason})") from None
     return model.to(device).eval()
+
+
+def class_names_of(resolved: ResolvedModel, num_classes: int) -> list[str]:
+    """The class names logged in the model's metadata. A model logged before they were there was
+    trained on one of the built-in datasets: that dataset's names; failing both, the class ids."""
+    from mlflow.models import get_model_info
+
+    from pipelines.data import DATASETS
+
+    try:
+        names = (get_model_info(resolved.model_uri).metadata or {}).get(CLASS_NAMES_KEY)
+    except (MlflowException, OSError):
+        names = None
+    if not names:
+        known = DATASETS.get(resolved.config.data.dataset)
+        names = known.classes if known else None
+    if not names or len(names) != num_classes:
+        return [str(k) for k in range(num_classes)]
+    return [str(name) for name in names]

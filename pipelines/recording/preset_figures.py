@@ -62,10 +62,11 @@ def class_decodes_at_origin(model: CVAE, splits: DatasetSplits, batcher: Batcher
         return {}
 
     def draw() -> plt.Figure:
-        labels = torch.arange(splits.num_classes, device=_device(model))
+        shown, of_all = figures.classes_shown(splits.num_classes)
+        labels = torch.arange(shown, device=_device(model))
         z = torch.zeros(len(labels), model.latent_dim, device=labels.device)
-        return figures.labelled_images(model.mean_image(model.decode(z, labels)), splits.class_names,
-                                       "Each class decoded at z = 0")
+        return figures.labelled_images(model.mean_image(model.decode(z, labels)), splits.class_names[:shown],
+                                       f"Each class decoded at z = 0{of_all}")
     return {"figures/class_decodes_z0.png": draw}
 
 
@@ -75,7 +76,8 @@ def class_traversals(model: CVAE, splits: DatasetSplits, batcher: Batcher) -> Bu
     size, extent = TRAVERSAL_GRID, TRAVERSAL_EXTENT
     return {f"figures/latent_traversal_{size}x{size}_class{k}.png": (
         lambda k=k: figures.latent_grid(_grid_decodes(model, size, extent, k), size, extent,
-                                        f"{size}x{size} latent traversal for class {splits.class_names[k]!r}"))
+                                        f"{size}x{size} latent traversal for class "
+                                        f"{figures.short_name(splits.class_names[k])!r}"))
         for k in TRAVERSAL_CLASSES if k < splits.num_classes}
 
 
@@ -85,7 +87,7 @@ def class_samples_3x3(model: CVAE, splits: DatasetSplits, batcher: Batcher) -> B
     generator = torch.Generator(device=_device(model)).manual_seed(0)
     return {f"figures/class{SAMPLED_CLASS}_samples_3x3.png": lambda: figures.image_rows(
         model.sample([SAMPLED_CLASS], 9, generator=generator), [""] * 3, 3,
-        f"Random samples of class {splits.class_names[SAMPLED_CLASS]!r}")}
+        f"Random samples of class {figures.short_name(splits.class_names[SAMPLED_CLASS])!r}")}
 
 
 def latent_manifold_30x30(model: CVAE, splits: DatasetSplits, batcher: Batcher) -> Builders:

@@ -94,11 +94,11 @@ def record_run(logger: RunLogger, result: TrainResult, config: RunConfig, detail
             logger, model, evaluation_splits(result.splits), result.batcher, config, step=result.kept_epoch,
             images_per_pass=TRAINING_EVAL_IMAGES_PER_PASS))
     if detail.model:
-        info = log_model(logger, model, config)
+        info = log_model(logger, model, config, result.splits.class_names)
         recorded.model_uri, recorded.model_id = info.model_uri, info.model_id
         logger.set_tags({"model_uri": info.model_uri})
     if detail.generator:
-        log_generator(logger, model, config)
+        log_generator(logger, model, config, result.splits.class_names)
     if detail.manifest:
         log_manifest(logger, config, result, recorded.metrics, recorded.model_uri, recorded.model_id)
     logger.set_tags({DETAIL_TAG: detail.name})

@@ -38,10 +38,11 @@ def figure_builders(model: CVAE, splits: DatasetSplits, batcher: Batcher, histor
     generator = torch.Generator(device=device).manual_seed(0)
     if model.config.conditional:
         per_class = 10
-        labels = torch.arange(splits.num_classes, device=device)
+        shown, of_all = figures.classes_shown(splits.num_classes)
+        labels = torch.arange(shown, device=device)
         builders["figures/class_samples.png"] = lambda: figures.image_rows(
-            model.sample(labels, per_class, generator=generator), names, per_class,
-            "Class-conditional samples (a row per class)")
+            model.sample(labels, per_class, generator=generator), names[:shown], per_class,
+            f"Class-conditional samples (a row per class){of_all}")
     else:
         builders["figures/samples.png"] = lambda: figures.image_rows(
             model.sample(None, 100, generator=generator), [""] * 10, 10, "Samples")
@@ -51,7 +52,7 @@ def figure_builders(model: CVAE, splits: DatasetSplits, batcher: Batcher, histor
             cls = torch.full((len(points),), traversal_class, device=device, dtype=torch.long)
             builders[f"figures/latent_traversal_class{traversal_class}.png"] = lambda: figures.latent_grid(
                 model.mean_image(model.decode(points, cls)), TRAVERSAL_GRID, TRAVERSAL_EXTENT,
-                f"Latent traversal for class {names[traversal_class]!r}")
+                f"Latent traversal for class {figures.short_name(names[traversal_class])!r}")
         else:
             builders["figures/latent_manifold.png"] = lambda: figures.latent_grid(
                 model.mean_image(model.decode(points, None)), TRAVERSAL_GRID, TRAVERSAL_EXTENT,
