@@ -35,9 +35,10 @@ $(VENV)/.installed: requirements.txt
 run: $(VENV)/.installed $(DATASET_SETUP)
 	$(BIN)/mlflow run . -e main --env-manager local -P dataset=$(DATASET) -P epochs=$(EPOCHS) -P device=$(DEVICE)
 
+# --durations: CI's log names the slowest tests, where the next minute of the 15-minute budget is found.
 test: $(VENV)/.installed fashion-mnist
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 # The inner loop: everything but the tests that train through real processes or start servers (`slow`).
 test-fast: $(VENV)/.installed fashion-mnist
