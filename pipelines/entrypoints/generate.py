@@ -88,12 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from pipelines.data import DATASETS
+    from pipelines.data import class_names as dataset_class_names
     from pipelines.models.model_resolution import load_cvae, resolve_model
     from pipelines.tracking.runs import entry_point_run
 
     resolved = resolve_model(args.model_uri)
-    class_names = list(DATASETS[resolved.config.data.dataset].classes)
+    class_names = list(dataset_class_names(resolved.config.data))
     model = load_cvae(resolved, device)
     labels = parse_labels(args.labels, class_names[: model.num_classes])
     rows = len(labels) if model.conditional else 1

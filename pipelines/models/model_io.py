@@ -66,10 +66,10 @@ def log_generator(logger: RunLogger, model: CVAE, config: RunConfig) -> ModelInf
     import mlflow.pyfunc
     from mlflow.models import Model
 
-    from pipelines.data import DATASETS
+    from pipelines.data import class_names as dataset_class_names
     from pipelines.models import generator_model
 
-    class_names = list(DATASETS[config.data.dataset].classes)
+    class_names = list(dataset_class_names(config.data))
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.pt")
         torch.save({name: tensor.cpu() for name, tensor in model.state_dict().items()}, weights)
