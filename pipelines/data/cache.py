@@ -100,5 +100,5 @@ def cached(kind: str, source_files: dict[str, str], settings: dict, source_dir: 
                     f"set ${CACHE_ENV} to a writable directory, or each run decodes them again")
         return data
     log.info(f"{what}: decoded {len(data.train_labels) + len(data.test_labels if data.test_labels is not None else ())}"
-             f" images in {seconds:.1f} s (once); cached as {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+             f" images in {seconds:.2f} s (once); cached as {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return data
