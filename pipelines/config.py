@@ -48,7 +48,7 @@ class DataConfig:
                                                  "be one size); not for the IDX datasets")
     image_channels: int = described(0, "1 (grey) or 3 (RGB): convert every image; 0: as stored (a folder: grey when "
                                        "every image is grey, else RGB); not for the IDX datasets",
-                                    choices=IMAGE_CHANNELS)
+                                    choices=tuple(map(str, IMAGE_CHANNELS)))
     test_fraction: float = described(0.2, "data without a test set of its own (folder:, npz: without x_test): this "
                                           "fraction of the images, drawn with split_seed, is the test set")
 

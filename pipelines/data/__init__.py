@@ -9,7 +9,14 @@ the bytes read), ``cache`` (the decoded-data cache), ``arrays`` (what a source g
 are what the rest of the harness imports.
 """
 from pipelines.data.batches import STATIC_BINARIZATION_THRESHOLD, Batcher, as_unit_floats, evaluation_noise
-from pipelines.data.loading import check_available, class_names, dataset_shape, load_splits, split_sizes
+from pipelines.data.loading import (
+    check_available,
+    class_names,
+    dataset_shape,
+    load_splits,
+    source_identity,
+    split_sizes,
+)
 from pipelines.data.locations import OFFLINE_ENV, DataUnavailableError, resolve_root
 from pipelines.data.sources.idx import DATASETS, DEBIAN_DATASET_DIRS, IDX_UBYTE, idx_shape, read_idx
 from pipelines.data.splits import DatasetSplits, SplitData
@@ -17,5 +24,6 @@ from pipelines.data.splits import DatasetSplits, SplitData
 __all__ = [
     "DATASETS", "DEBIAN_DATASET_DIRS", "IDX_UBYTE", "OFFLINE_ENV", "STATIC_BINARIZATION_THRESHOLD", "Batcher",
     "DataUnavailableError", "DatasetSplits", "SplitData", "as_unit_floats", "check_available", "class_names",
-    "dataset_shape", "evaluation_noise", "idx_shape", "load_splits", "read_idx", "resolve_root", "split_sizes",
+    "dataset_shape", "evaluation_noise", "idx_shape", "load_splits", "read_idx", "resolve_root", "source_identity",
+    "split_sizes",
 ]

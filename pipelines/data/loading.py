@@ -7,6 +7,8 @@ The IDX datasets are read in place, their headers alone giving sizes and shape; 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 
 from pipelines.config import IDX_DATASETS, DataConfig
 from pipelines.data.arrays import Decoded
+from pipelines.data.images import settings as image_settings
 from pipelines.data.locations import own_data_path, resolve_root, source_kind
 from pipelines.data.sources import folder, idx, npz, torchvision_sets
 from pipelines.data.splits import DatasetSplits, checked_sizes, make_splits
@@ -62,6 +65,19 @@ def class_names(config: DataConfig) -> tuple[str, ...]:
     if config.dataset in IDX_DATASETS:
         return idx.DATASETS[config.dataset].classes
     return _read(config)[0].class_names
+
+
+def source_identity(config: DataConfig) -> str:
+    """What names the data a model was fitted to, for caches of such models (the judge classifier):
+    an IDX dataset's name; else the name with a digest of the bytes read, the settings that change
+    the images and, for a drawn test set, those that draw it (its images must not be trained on)."""
+    if config.dataset in IDX_DATASETS:
+        return config.dataset
+    data = _read(config)[0]
+    identity = {"files": data.source_files, **image_settings(config)}
+    if data.test_labels is None:
+        identity |= {"test_fraction": config.test_fraction, "split_seed": config.split_seed}
+    return f"{config.dataset}@{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
 def check_available(config: DataConfig) -> None:

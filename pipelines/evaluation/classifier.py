@@ -32,7 +32,7 @@ from mlflow.types import Schema, TensorSpec
 from cvae.classifier_net import ImageClassifier
 from cvae.evaluation import frechet_distance
 from pipelines.config import DataConfig
-from pipelines.data import SplitData, as_unit_floats, dataset_shape, load_splits
+from pipelines.data import SplitData, as_unit_floats, dataset_shape, load_splits, source_identity
 from pipelines.tracking.runs import (
     REPO_ROOT,
     RunLogger,
@@ -188,7 +188,7 @@ def get_classifier(data: DataConfig, device: torch.device, train_size: int = 0,
     if train_size < 0 or epochs < 1:
         raise ValueError(f"train_size must be >= 0 and epochs >= 1, got {train_size}, {epochs}")
     client = client or MlflowClient()
-    key = cache_key(data.dataset, train_size, epochs)
+    key = cache_key(source_identity(data), train_size, epochs)  # own data: with its bytes' digest
     run = find_cached(client, key)
     if run is not None:
         try:
