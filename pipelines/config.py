@@ -47,8 +47,7 @@ class DataConfig:
                                                  "to H×W, once, into the data cache; empty: as stored (then all must "
                                                  "be one size); not for the IDX datasets")
     image_channels: int = described(0, "1 (grey) or 3 (RGB): convert every image; 0: as stored (a folder: grey when "
-                                       "every image is grey, else RGB); not for the IDX datasets",
-                                    choices=tuple(map(str, IMAGE_CHANNELS)))
+                                       "every image is grey, else RGB); not for the IDX datasets")
     test_fraction: float = described(0.2, "data without a test set of its own (folder:, npz: without x_test): this "
                                           "fraction of the images, drawn with split_seed, is the test set")
 
@@ -65,7 +64,8 @@ class DataConfig:
         size = as_text(self.image_size)
         require(len(self.image_size) <= 2 and all(isinstance(v, int) and 1 <= v <= 16384 for v in self.image_size),
                 "data.image_size", size, "H or H,W: one or two integers in 1..16384 (empty: as stored)")
-        require_choice("data.image_channels", self.image_channels, IMAGE_CHANNELS)
+        require(self.image_channels in IMAGE_CHANNELS, "data.image_channels", self.image_channels,
+                "1 (grey) or 3 (RGB), or 0 (as stored)")
         require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "a number between 0 and 1")
         for name, value, shown in (("image_size", self.image_size, size), ("image_channels", self.image_channels,
                                                                           self.image_channels)):
