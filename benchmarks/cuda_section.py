@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.entry_points import run_study, study_args, warm_up_store
+from benchmarks.fused_section import measure_cuda_fused
 from benchmarks.loops import MODELS, loop_config, measure_loops
 from benchmarks.table import Table
 
@@ -48,17 +49,23 @@ class CudaSizes:
     study_epochs: int
     study_trials: int
     workers: tuple[int, ...]
+    fused_counts: tuple[int, ...]  # trials at a time (--fuse K), a study each
+    fused_images: int
+    fused_epochs: int
+    fused_hundred: bool  # the hundred trials of ten epochs on all of Fashion-MNIST
 
 
 FULL_CUDA = CudaSizes(loop_setups=LOOP_SETUPS, loop_images=20_000, loop_epochs=2, precision_images=0,
                       precision_epochs=3, compile_backend="inductor", warm_up=True, study_space="default",
-                      study_images=10_000, study_epochs=2, study_trials=8, workers=(1, 2, 4))
+                      study_images=10_000, study_epochs=2, study_trials=8, workers=(1, 2, 4),
+                      fused_counts=(1, 8, 32, 128), fused_images=10_000, fused_epochs=2, fused_hundred=True)
 # The dry run: every function of the section once, at the least cost. One loop setup (the others are
 # the same code on other models), no warm-up and one worker (tests/test_benchmarks.py warms a store up,
 # tests/test_cuda.py runs a study of two workers on the device, in the same dry run).
 QUICK_CUDA = CudaSizes(loop_setups=LOOP_SETUPS[:1], loop_images=200, loop_epochs=1, precision_images=200,
                        precision_epochs=1, compile_backend="eager", warm_up=False, study_space="smoke",
-                       study_images=200, study_epochs=1, study_trials=2, workers=(1,))
+                       study_images=200, study_epochs=1, study_trials=2, workers=(1,),
+                       fused_counts=(2,), fused_images=200, fused_epochs=1, fused_hundred=False)
 # (name, precision, torch.compile options or None for eager, whether it means anything off CUDA).
 # The harness's bf16 is autocast on CUDA only (fp32 elsewhere), and CUDA graphs are CUDA's: on
 # another device their rows say so instead of measuring fp32 under another name.
@@ -159,4 +166,6 @@ def measure_cuda(table: Table, sizes: CudaSizes, workdir: Path, root: Path, devi
         measure_workers(table, sizes, workdir, device)
     except Exception as error:  # the compiled variants still run
         table.failed("cuda workers", "warming up the store", error)
+    measure_cuda_fused(table, workdir, device, sizes.fused_counts, sizes.fused_images, sizes.fused_epochs,
+                       sizes.fused_hundred)
     measure_precisions(table, sizes, device, [v for v in VARIANTS if v[2] is not None])

@@ -12,9 +12,12 @@ Prints one table of measurements and ratios, each with the target it is held to:
   epochs took;
 - study: a `tune` study, share of its wall time inside epochs, and trials/hour with one worker
   against `--workers 2`;
+- fused: trials/hour of `tune --fuse K` against `--fuse 1` on the same studies, for two fixed
+  structures and the `default` space (benchmarks.fused_section);
 - cuda: on `--device` (default cuda; "not measured" without one): the loops, fp32 against bf16
-  autocast, torch.compile and CUDA graphs, a 60,000-example epoch, and 1/2/4 workers sharing one
-  GPU (benchmarks.cuda_section; benchmarks/gpu/run.sh runs it on the GPU machine).
+  autocast, torch.compile and CUDA graphs, a 60,000-example epoch, 1/2/4 workers sharing one
+  GPU, and fused trials (K = 1, 8, 32, 128, and a hundred trials with `--fuse auto`)
+  (benchmarks.cuda_section; benchmarks/gpu/run.sh runs it on the GPU machine).
 
 `--quick` shrinks every size so CI can run it in about a minute; its numbers only show that
 the benchmark works. Without `--quick` the sizes are those of the targets in benchmarks/RESULTS.md.
@@ -42,6 +45,7 @@ from benchmarks.entry_points import (
     study_args,
     warm_up_store,
 )
+from benchmarks.fused_section import FULL_FUSED, QUICK_FUSED, measure_fused
 from benchmarks.loops import IDX_FILES, measure_loops, torchvision_root
 from benchmarks.table import Table
 
@@ -94,8 +98,8 @@ def measure_study(table: Table, workdir: Path, sizes: Sizes) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI: proves the benchmark runs")
-    parser.add_argument("--sections", default="loop,recording,study,cuda",
-                        help="comma-separated: loop (includes flops), recording, study, cuda")
+    parser.add_argument("--sections", default="loop,recording,study,fused,cuda",
+                        help="comma-separated: loop (includes flops), recording, study, fused, cuda")
     parser.add_argument("--device", default="cuda",
                         help="the cuda section's device (default %(default)s; cpu: the same code on the CPU, "
                              "as benchmarks/gpu/run.sh --dry-run does in CI)")
@@ -125,13 +129,16 @@ def main(argv: list[str] | None = None) -> int:
             root = torchvision_root(workdir / "torchvision", data_dir) if sections & {"loop", "cuda"} else None
             if "loop" in sections:
                 measure_loops(table, CPU_LOOP_SETUPS, sizes.loop_images, sizes.loop_epochs, root, "cpu")
-            if sections & {"recording", "study"}:
-                measured_sizes = {"recording": sizes.recording_images, "study": sizes.study_images}
+            if sections & {"recording", "study", "fused"}:
+                measured_sizes = {"recording": sizes.recording_images, "study": sizes.study_images,
+                                  "fused": (QUICK_FUSED if args.quick else FULL_FUSED).images}
                 warm_up_store(table, workdir, {measured_sizes[s] for s in sections & set(measured_sizes)})
             if "recording" in sections:
                 measure_recording(table, workdir, sizes)
             if "study" in sections:
                 measure_study(table, workdir, sizes)
+            if "fused" in sections:
+                measure_fused(table, workdir, QUICK_FUSED if args.quick else FULL_FUSED)
             if "cuda" in sections:
                 measure_cuda(table, QUICK_CUDA if args.quick else FULL_CUDA, workdir, root, args.device)
     except CommandFailed as error:

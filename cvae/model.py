@@ -60,8 +60,12 @@ class CVAE(nn.Module):
         return self.config.latent_dim
 
     # -- labels -----------------------------------------------------------------------------
-    def _onehot(self, labels, batch: int, dtype: torch.dtype, device) -> torch.Tensor | None:
-        """The one-hot for a conditional model, None for an unconditional one (labels ignored)."""
+    def _check_labels(self, labels, batch: int, device) -> torch.Tensor | None:
+        """The API edge: labels as a 1-D integer tensor of ``batch`` class ids on ``device`` (None
+        for an unconditional model), each checked to be in range. The range check synchronises with
+        the GPU and cannot run under ``torch.func.vmap``, so the hot path (``_onehot``) never checks:
+        the training and compiled evaluation steps pass dataset labels, always valid, and skip it
+        (``forward`` in training mode, or while compiling); inference, where user labels arrive, keeps it."""
         if not self.conditional:
             return None
         if labels is None:
@@ -73,15 +77,21 @@ class CVAE(nn.Module):
                              f"shape={tuple(labels.shape)}")
         if labels.shape[0] != batch:
             raise ValueError(f"got {labels.shape[0]} labels for a batch of {batch}")
-        # The range check synchronises with the GPU, so the training hot path (dataset labels,
-        # always valid) skips it, and so do the harness's compiled evaluation steps (dataset labels
-        # too; the check would break their graph); inference, where user labels arrive, keeps it.
         if (not self.training and not torch.compiler.is_compiling() and labels.numel()
                 and bool(((labels < 0) | (labels >= self.num_classes)).any())):
             bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
             raise ValueError(f"label {bad} is outside [0, {self.num_classes}) for a model with "
                              f"num_classes={self.num_classes}")
-        return F.one_hot(labels.long(), self.num_classes).to(dtype)
+        return labels
+
+    def _onehot(self, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The one-hot of checked labels (None for an unconditional model). A comparison with the
+        class ids, not ``F.one_hot``, whose own range check calls ``.item()``: this one is safe under
+        ``torch.func.vmap`` (fused training, ``cvae.fused``) and never synchronises with a GPU."""
+        if labels is None:
+            return None
+        classes = torch.arange(self.num_classes, device=labels.device)
+        return (labels.unsqueeze(-1) == classes).to(dtype)
 
     def _check_images(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
@@ -97,7 +107,7 @@ class CVAE(nn.Module):
     def encode(self, x: torch.Tensor, labels: torch.Tensor | None):
         """(mu, logvar), each (N, latent_dim); logvar clamped to LOGVAR_RANGE."""
         self._check_images(x)
-        return self._encode(x, self._onehot(labels, x.shape[0], x.dtype, x.device))
+        return self._encode(x, self._onehot(self._check_labels(labels, x.shape[0], x.device), x.dtype))
 
     def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor,
                        generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,14 +120,20 @@ class CVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Raw decoder output (N, C, H, W): logits, or the pre-sigmoid Gaussian mean."""
-        return self.decoder(z, self._onehot(labels, z.shape[0], z.dtype, z.device))
+        return self.decoder(z, self._onehot(self._check_labels(labels, z.shape[0], z.device), z.dtype))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> CVAEOutput:
         """``noise``: the standard normal draws behind z (N, latent_dim), instead of drawing them:
         an evaluation that draws them per example gets the same z however the examples are batched."""
         self._check_images(x)
-        onehot = self._onehot(labels, x.shape[0], x.dtype, x.device)
+        return self.forward_checked(x, self._check_labels(labels, x.shape[0], x.device), generator, noise)
+
+    def forward_checked(self, x: torch.Tensor, labels: torch.Tensor | None,
+                        generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> CVAEOutput:
+        """``forward`` for inputs already checked (dataset images and labels): no check, no host
+        synchronisation. With ``noise`` given it is safe under ``torch.func.vmap`` (``cvae.fused``)."""
+        onehot = self._onehot(labels, x.dtype)
         mu, logvar = self._encode(x, onehot)
         z = self.reparameterize(mu, logvar, generator, noise)
         dec_onehot = None if onehot is None else onehot.to(z.dtype)

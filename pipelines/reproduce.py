@@ -6,7 +6,8 @@ original's manifest and weights, train again with the same configuration in a ne
 ``reproduces=<id>``, compare, and log ``reproduction_report.json`` / ``.md`` to the new run.
 
 Tolerances (``default_tolerance``): bitwise (0) when both runs were deterministic on the CPU;
-1e-3 (relative on metrics, absolute on weights) when both were deterministic on a GPU; 1e-2
+1e-3 (relative on metrics, absolute on weights) when both were deterministic on a GPU, or when the
+original was trained fused with other trials (re-trained alone, it agrees to rounding); 1e-2
 otherwise. GPU kernels differ between models and library versions, so a re-run on other
 hardware may need a looser ``--tolerance``.
 """
@@ -26,6 +27,11 @@ AGREES, DIFFERS = "agrees", "differs"
 
 GPU_DETERMINISTIC_TOLERANCE = 1e-3
 NON_DETERMINISTIC_TOLERANCE = 1e-2
+# A run trained fused with others (manifest "fusion") is re-trained alone: the same math, but batched
+# kernels add in another order, so it agrees to rounding, not bitwise. Measured on the CPU
+# (docs/reproducing.md): 1e-6 relative on metrics and 1e-5 on weights after an epoch; 1e-3 leaves
+# room for longer runs, as for a deterministic GPU run.
+FUSED_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,9 @@ def default_tolerance(original: Mapping, rerun: Mapping) -> Tolerance:
     non-deterministic kernels were involved."""
     deterministic = all(m.get("determinism", {}).get("deterministic") for m in (original, rerun))
     on_cpu = all(m.get("hardware", {}).get("device_type") == "cpu" for m in (original, rerun))
+    if original.get("fusion") and deterministic:
+        return Tolerance(FUSED_TOLERANCE, FUSED_TOLERANCE,
+                         "trained fused, re-trained alone: batched kernels round differently")
     if deterministic and on_cpu:
         return Tolerance(0.0, 0.0, "both runs deterministic on the CPU: bitwise")
     if deterministic:

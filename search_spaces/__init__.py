@@ -4,7 +4,7 @@ A space is ``space(trial, base) -> {"model.latent_dim": 8, ...}``: it suggests v
 ``trial`` and returns overrides of the study's base ``RunConfig``, keyed by dotted names and
 applied with ``pipelines.config.with_overrides``. It builds no model and logs nothing.
 
-Select one by name (``default``, ``architectures``, ``smoke``) or as ``path/to/file.py:function``
+Select one by name (``default``, ``architectures``, ``optimiser``, ``smoke``) or as ``path/to/file.py:function``
 for a space of your own.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from cvae.config import ConfigError
 from pipelines.config import RunConfig
 from search_spaces.architectures import architectures
 from search_spaces.default import default
+from search_spaces.optimiser import optimiser
 from search_spaces.smoke import smoke
 
 SearchSpace = Callable[[optuna.Trial, RunConfig], dict[str, Any]]
@@ -27,6 +28,7 @@ SearchSpace = Callable[[optuna.Trial, RunConfig], dict[str, Any]]
 SPACES: dict[str, SearchSpace] = {
     "default": default,
     "architectures": architectures,
+    "optimiser": optimiser,
     "smoke": smoke,
 }
 

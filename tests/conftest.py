@@ -214,6 +214,14 @@ def in_process(store, monkeypatch, capsys):
         yield run
 
 
+@pytest.fixture
+def in_store(store, monkeypatch):
+    """This process pointed at the test's store (as `store.cli` points a child process), for tests
+    that call entry points' functions directly; undone afterwards."""
+    with in_process_on(store, monkeypatch):
+        yield store
+
+
 SHARED_RUN_LATENT_DIM = 4
 
 
@@ -232,6 +240,34 @@ def conditional_run(tmp_path_factory, data_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = store.runs()
     return SimpleNamespace(store=store, run=run, data_dir=data_dir)
+
+
+def artifact_paths(client, run_id: str, path: str = "") -> set[str]:
+    paths = set()
+    for item in client.list_artifacts(run_id, path or None):
+        paths |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return paths
+
+
+def assert_trials_recorded(store: Store, trials, runs: dict, epochs: int = 1, sampler_seed: int = 0) -> None:
+    """What every complete trial of a study keeps, however it was trained (alone or fused): a FINISHED run
+    with its per-epoch metrics and objective value, a manifest and a reloadable model."""
+    import mlflow
+
+    from pipelines.studies.sampling import trial_seed
+
+    client = store.client
+    mlflow.set_tracking_uri(store.uri)
+    for trial in trials:
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == list(range(1, epochs + 1))
+        assert run.data.metrics["objective/neg_elbo"] == pytest.approx(trial.value)
+        assert run.data.metrics["system/system_memory_usage_megabytes"] > 0  # each trial's own system metrics
+        assert "manifest.json" in artifact_paths(client, run.info.run_id)
+        model = mlflow.pytorch.load_model(run.data.tags["model_uri"], map_location="cpu")
+        assert sum(p.numel() for p in model.parameters()) > 0
+        assert trial.user_attrs["sampler_seed"] == trial_seed(sampler_seed, trial.number)
 
 
 def assert_no_running(store: Store) -> None:

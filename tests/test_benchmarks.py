@@ -37,6 +37,9 @@ def test_quick_benchmark_prints_every_measure_with_its_target(tmp_path):
     for row in rows:
         if row["unit"] in ("ratio", "fraction", "examples/s", "GFLOP/s", "trials/h", "s"):
             assert float(row["value"]) > 0, row
+    fused = [r for r in rows if r["section"] == "fused" and r["measure"].endswith("fuse=2 / fuse=1, trials per hour")]
+    assert len(fused) == 1 and fused[0]["target"] == ">= 1.5", rows
+    assert any(r["section"] == "fused" and "(groups 2)" in r["measure"] for r in rows), "the two trials trained fused"
     assert any(r["section"] == "cuda" for r in rows), "the CUDA section says why it was not measured"
     header = next(line for line in done.stdout.splitlines() if line.startswith("| section"))
     assert [c.strip() for c in header.strip("|").split("|")] == ["section", "measure", "value", "unit", "target"]

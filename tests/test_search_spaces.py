@@ -28,7 +28,7 @@ def sampled_configs(space_name: str, n: int = 40, base: RunConfig = BASE):
 
 
 def test_registry_lists_the_shipped_spaces():
-    assert {"default", "architectures", "smoke"} <= set(space_names())
+    assert {"default", "architectures", "optimiser", "smoke"} <= set(space_names())
 
 
 def test_default_space_has_the_documented_ranges_and_valid_configs():
@@ -108,6 +108,18 @@ def test_architectures_space_reads_the_preset_names_at_call_time(monkeypatch):
     assert all(c.model.latent_dim == 3 and c.optim.epochs == 3 for c in configs)
 
 
+def test_optimiser_space_keeps_the_structure_so_that_every_trial_fuses():
+    from pipelines.training.fused import fusion_refusal_for, structure_key
+
+    configs = [config for _, config in sampled_configs("optimiser", 30)]
+    assert {structure_key(c) for c in configs} == {structure_key(BASE)}, "a drawn value changed a tensor shape"
+    assert all(fusion_refusal_for(c) is None for c in configs)
+    assert len({(c.optim.lr, c.objective.kl_weight, c.objective.warmup_epochs, c.objective.free_bits)
+                for c in configs}) == 30
+    assert all(1e-4 <= c.optim.lr <= 1e-2 and 0.1 <= c.objective.kl_weight <= 4.0 and
+               0 <= c.objective.warmup_epochs <= 1.5 and 0 <= c.objective.free_bits <= 0.5 for c in configs)
+
+
 def test_smoke_space_is_a_tiny_mlp():
     for _, config in sampled_configs("smoke", 20):
         assert config.model.arch == "mlp" and max(config.model.hidden) <= 64 and config.model.latent_dim <= 8
@@ -122,7 +134,7 @@ def test_a_space_can_be_loaded_from_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ("nonexistent", "choose one of: default, architectures, smoke"),
+    ("nonexistent", "choose one of: default, architectures, optimiser, smoke"),
     ("/no/such/file.py:space", "no file"),
 ])
 def test_an_unknown_space_names_the_choices(spec, expected):

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import TINY_DATA, assert_no_running, make_store
+from conftest import TINY_DATA, artifact_paths, assert_no_running, assert_trials_recorded, make_store
 from pipelines.config import RunConfig, with_overrides
 from pipelines.evaluation.evaluate import LIKELIHOOD_KIND_TAG, iwae_metric
 from pipelines.recording.record import BEST_TRIAL, DETAIL_TAG, FULL, TRIAL
@@ -40,13 +39,6 @@ def run_study(store, name: str, *extra: str):
     return study, runs, parents, done
 
 
-def artifact_paths(client, run_id: str, path: str = "") -> set[str]:
-    paths = set()
-    for item in client.list_artifacts(run_id, path or None):
-        paths |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
-    return paths
-
-
 @pytest.fixture(scope="module")
 def default_study(tmp_path_factory, data_dir):
     """Four smoke trials with the default recording (`--trial-artifacts best`)."""
@@ -59,20 +51,9 @@ def default_study(tmp_path_factory, data_dir):
 @pytest.mark.slow
 def test_every_trial_keeps_metrics_manifest_and_a_reloadable_model(default_study):
     store, study, runs, _ = default_study
-    client = store.client
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 4
-    mlflow.set_tracking_uri(store.uri)
-    for trial in complete:
-        run = runs[trial.user_attrs["mlflow_run_id"]]
-        assert run.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [1]
-        assert run.data.metrics["objective/neg_elbo"] == pytest.approx(trial.value)
-        assert run.data.metrics["system/system_memory_usage_megabytes"] > 0  # each trial's own system metrics
-        assert "manifest.json" in artifact_paths(client, run.info.run_id)
-        model = mlflow.pytorch.load_model(run.data.tags["model_uri"], map_location="cpu")
-        assert sum(p.numel() for p in model.parameters()) > 0
-        assert trial.user_attrs["sampler_seed"] == trial_seed(0, trial.number)
+    assert_trials_recorded(store, complete, runs)
 
 
 @pytest.mark.slow

@@ -61,19 +61,6 @@ def assert_trials_link_to_children(store, trials, children):
     return runs
 
 
-@pytest.fixture
-def in_store(store, monkeypatch):
-    """This process pointed at the test's store (as `store.cli` points a child process), undone afterwards."""
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "CVAE_DATA_DIR", "CVAE_OFFLINE"):
-        monkeypatch.setenv(key, store.env[key])
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.setattr(tracking_utils, "_tracking_uri", store.uri)
-    monkeypatch.chdir(store.root)
-    return store
-
-
 def write_space(tmp_path, name: str, body: str) -> str:
     path = tmp_path / f"{name}.py"
     path.write_text(textwrap.dedent(body))
@@ -226,7 +213,7 @@ def test_two_workers_share_one_study_without_duplicating_trials_or_runs(store):
 
 
 BAD_INPUTS = [
-    (["--space", "nonexistent"], "space='nonexistent' is not valid; choose one of: default, architectures, smoke"),
+    (["--space", "nonexistent"], "space='nonexistent' is not valid; choose one of: default, architectures, optimiser, smoke"),
     (["--sampler", "annealing"], "sampler='annealing' is not valid; choose one of: auto, tpe, random, cmaes"),
     (["--pruner", "hopeful"], "pruner='hopeful' is not valid; choose one of: median, hyperband, none"),
     (["--n-trials", "0"], "n_trials=0 is not valid"),

@@ -16,6 +16,8 @@ from pipelines.entrypoints.common import run_main
 from pipelines.metrics import OBJECTIVES
 from pipelines.studies.settings import (
     DEFAULT_TRIALS,
+    FUSE_AUTO,
+    MAX_FUSE,
     PRUNERS,
     SAMPLERS,
     TRIAL_ARTIFACTS,
@@ -82,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(study, "workers", type=integer(), default=DEFAULTS.workers,
              help="worker processes this command starts on the study (default %(default)s; each CPU worker gets "
                   "cores / workers threads unless --threads is given; GPUs are shared out among them)")
+    add_flag(study, "fuse", type=fuse_value, default=DEFAULTS.fuse,
+             help="trials asked from Optuna at a time; those of one structure (architecture, widths, latent size, "
+                  "batch size...) train at once as one fused model, each still a full trial "
+                  f"(1..{MAX_FUSE}, 1: each alone; default %(default)s: sized from the device's free memory on "
+                  "CUDA, 1 on the CPU)")
     add_flag(study, "trial_artifacts", default=DEFAULTS.trial_artifacts,
              help=f"{', '.join(TRIAL_ARTIFACTS)} (default %(default)s): every trial keeps its metrics, model and "
                   "manifest; 'best' gives test metrics, figures, evaluation and the generator to the chosen "
@@ -99,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fuse_value(text: str) -> int | str | None:
+    """``--fuse``: "auto" or an integer (its range is StudySettings' to check, in one line)."""
+    return FUSE_AUTO if text.strip().lower() == FUSE_AUTO else integer()(text)
+
+
 def settings_from_args(args: argparse.Namespace, seed: int) -> StudySettings:
     register_as = (args.register_as or "").strip() or args.study
     if not (args.register_as or "").strip():  # said as what the user gave: the study name
@@ -111,7 +123,8 @@ def settings_from_args(args: argparse.Namespace, seed: int) -> StudySettings:
         pruner_startup_trials=args.pruner_startup_trials, pruner_warmup_epochs=args.pruner_warmup_epochs,
         n_trials=args.n_trials, timeout=args.timeout,
         register_as="" if register_as == NO_REGISTRATION else register_as,
-        heartbeat_grace_s=args.heartbeat_grace, trial_artifacts=args.trial_artifacts, workers=args.workers)
+        heartbeat_grace_s=args.heartbeat_grace, trial_artifacts=args.trial_artifacts, workers=args.workers,
+        fuse=args.fuse)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -123,6 +123,9 @@ def build_manifest(config: RunConfig, result: TrainResult, recorded_metrics: Map
         "compile": {"requested": config.execution.compile, "compiled": result.compiled,
                     "fallback_error": result.compile_fallback},
         "code": code or code_version()[0],
+        # Trained fused with other runs (training.fused): the group's size, its members' names and this
+        # run's place among them; None when trained alone. `reproduce` re-trains it alone.
+        "fusion": result.fusion,
         "data": {
             "dataset": data["dataset"],
             "source_files_sha256": data["source_files_sha256"],

@@ -5,6 +5,7 @@ study goes on; anything else stops the study.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Sequence
@@ -82,8 +83,18 @@ def trial_config(space: SearchSpace, name: str, trial: optuna.Trial, base: RunCo
                                f"{trial.number}: {_reason(error)}") from None
 
 
+def note_failure(trial: optuna.Trial, error: BaseException) -> None:
+    """Keep why a trial failed on the trial itself; free the GPU memory an out-of-memory trial held."""
+    trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
+    if isinstance(error, OUT_OF_MEMORY) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class TrialObjective:
-    """The function Optuna calls: space -> config -> ``train`` in a child run -> objective values."""
+    """The function Optuna calls: space -> config -> ``train`` in a child run -> objective values.
+
+    Its steps (``trial_context``, ``configure``, ``conclude``) are also those of a trial trained fused
+    with others (``studies.fused_trials``): a fused trial is recorded by the same code."""
 
     def __init__(self, settings: StudySettings, space: SearchSpace, base: RunConfig,
                  parent: RunLogger, splits: DatasetSplits):
@@ -94,27 +105,53 @@ class TrialObjective:
         self.splits = splits
         self.current: optuna.Trial | None = None  # the trial running now, for clean-up after Ctrl-C
 
+    def trial_context(self, trial: optuna.Trial) -> tuple[contextlib.ExitStack, RunLogger]:
+        """The trial's child run (closed as its outcome deserves) and its system metrics, entered, and
+        its ``RunLogger``. Leaving the stack with an exception closes the run with it."""
+        with contextlib.ExitStack() as stack:
+            logger = stack.enter_context(trial_run(self.parent.client, self.parent.run_id, self.settings.name, trial))
+            stack.enter_context(run_system_metrics(logger, self.base.execution))
+            return stack.pop_all(), logger
+
+    def configure(self, trial: optuna.Trial, logger: RunLogger) -> RunConfig:
+        """The trial's configuration from the space, named and logged in its run."""
+        config = trial_config(self.space, self.settings.space, trial, self.base)
+        name_trial(logger, trial.number, config)
+        logger.log_params({f"trial.{k}": v for k, v in trial.params.items()})
+        trial.set_user_attr(SAMPLER_SEED_ATTR, trial_seed(self.settings.sampler_seed, trial.number))
+        return config
+
+    def shared_splits(self, config: RunConfig) -> DatasetSplits | None:
+        """The study's data when the trial uses the same (None: the trial loads its own)."""
+        same_data = config.data == self.base.data and config.execution.device == self.base.execution.device
+        return self.splits if same_data else None
+
+    def reporter(self, trial: optuna.Trial, config: RunConfig):
+        return epoch_reporter(self.settings, trial, config.optim.epochs)
+
+    def conclude(self, logger: RunLogger, result: TrainResult, config: RunConfig) -> list[float]:
+        """Objective values of a trained trial; its model and manifest recorded."""
+        values = objective_values(self.settings.objectives, result)
+        record_run(logger, result, config, FULL if self.settings.trial_artifacts == "all" else TRIAL)
+        return values
+
+    def log_values(self, logger: RunLogger, result: TrainResult, values: list[float]) -> None:
+        logger.log_metrics({f"objective/{name}": v for name, v in zip(self.settings.objectives, values)},
+                           step=result.kept_epoch)
+
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         self.current = trial
-        with (trial_run(self.parent.client, self.parent.run_id, self.settings.name, trial) as logger,
-              run_system_metrics(logger, self.base.execution)):
+        stack, logger = self.trial_context(trial)
+        with stack:
             try:
-                config = trial_config(self.space, self.settings.space, trial, self.base)
-                name_trial(logger, trial.number, config)
-                logger.log_params({f"trial.{k}": v for k, v in trial.params.items()})
-                same_data = config.data == self.base.data and config.execution.device == self.base.execution.device
-                trial.set_user_attr(SAMPLER_SEED_ATTR, trial_seed(self.settings.sampler_seed, trial.number))
-                result = train(config, logger, on_epoch=epoch_reporter(self.settings, trial, config.optim.epochs),
-                               splits=self.splits if same_data else None)
-                values = objective_values(self.settings.objectives, result)
-                record_run(logger, result, config, FULL if self.settings.trial_artifacts == "all" else TRIAL)
+                config = self.configure(trial, logger)
+                result = train(config, logger, on_epoch=self.reporter(trial, config),
+                               splits=self.shared_splits(config))
+                values = self.conclude(logger, result, config)
             # A tracking server lost for longer than MLflow's bounded retries also fails the trial
             # with its reason, though it stops this worker (it is not in catch=TRIAL_FAILURES).
             except (*TRIAL_FAILURES, MlflowException) as error:
-                trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:1000])
-                if isinstance(error, OUT_OF_MEMORY) and torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                note_failure(trial, error)
                 raise
-            logger.log_metrics({f"objective/{name}": v for name, v in zip(self.settings.objectives, values)},
-                               step=result.kept_epoch)
+            self.log_values(logger, result, values)
         return values[0] if len(values) == 1 else values

@@ -24,6 +24,9 @@ DEFAULT_TRIALS = 20
 # manifest, and gives figures, test metrics, evaluation and the generator to the chosen trials only;
 # "all" records everything for every trial.
 TRIAL_ARTIFACTS = ("best", "all")
+# Most trials trained at once as one fused model (`--fuse`): far beyond what one device holds of these models.
+MAX_FUSE = 1024
+FUSE_AUTO = "auto"
 REGISTERED_MODEL = "the registered model's name"
 
 
@@ -56,6 +59,9 @@ class StudySettings:
     heartbeat_grace_s: int = HEARTBEAT_GRACE_S
     trial_artifacts: str = "best"
     workers: int = 1  # worker processes this invocation starts on the study
+    # Trials asked at a time and trained fused where they share a structure (studies.fused_trials); 1: one
+    # at a time, each alone; "auto": as many as the device gains from (fused_trials.choose_fuse).
+    fuse: int | str = FUSE_AUTO
 
     def __post_init__(self):
         object.__setattr__(self, "objectives", tuple(objective_name(name) for name in self.objectives))
@@ -81,6 +87,10 @@ class StudySettings:
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
         if self.register_as:
             check_model_name(self.register_as)
+        require(self.fuse == FUSE_AUTO or (isinstance(self.fuse, int) and not isinstance(self.fuse, bool)
+                                           and 1 <= self.fuse <= MAX_FUSE), "fuse", self.fuse,
+                f"{FUSE_AUTO!r} or an integer in 1..{MAX_FUSE} (trials trained at once as one fused model; "
+                "1 = each alone)")
 
     @property
     def multi_objective(self) -> bool:
@@ -104,4 +114,5 @@ def study_params(settings: StudySettings) -> dict[str, object]:
             "study.sampler": settings.sampler, "study.sampler_seed": settings.sampler_seed,
             "study.pruner": settings.pruner if settings.prunes else "none",
             "study.n_trials": settings.n_trials or "", "study.timeout": settings.timeout or "",
-            "study.workers": settings.workers, "study.trial_artifacts": settings.trial_artifacts}
+            "study.workers": settings.workers, "study.trial_artifacts": settings.trial_artifacts,
+            "study.fuse": settings.fuse}

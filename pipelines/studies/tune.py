@@ -21,6 +21,7 @@ from pipelines.config import RunConfig, flatten
 from pipelines.data import DatasetSplits, load_splits
 from pipelines.metrics import LIKELIHOOD_KIND_TAG, objective_name, run_likelihood_kind
 from pipelines.studies.chosen_trials import chosen_trials, record_chosen_trials
+from pipelines.studies.fused_trials import choose_fuse, run_fused_trials
 from pipelines.studies.objective import TRIAL_FAILURES, TrialObjective
 from pipelines.studies.optuna_log import one_line_stops
 from pipelines.studies.pruning import build_pruner, pruning_note
@@ -69,15 +70,22 @@ def run_trials(study: optuna.Study, settings: StudySettings, space: SearchSpace,
                parent: RunLogger, n_trials: int | None, splits: DatasetSplits | None = None,
                stop_at_trials: int | None = None) -> DatasetSplits:
     """Run this process's trials as children of ``parent`` (at most ``n_trials``, and none once the
-    study holds ``stop_at_trials`` trials of any state); return the data they shared.
+    study holds ``stop_at_trials`` trials of any state); return the data they shared. Where
+    ``settings.fuse`` (``choose_fuse`` for "auto") is above 1, trials are asked up to that many at a time
+    and trained fused (``fused_trials``).
 
     Ctrl-C (or SIGTERM) fails the running trial, closes its run KILLED and propagates.
     """
-    splits = splits or load_splits(base.data, resolve_device(base.execution))
+    device = resolve_device(base.execution)
+    splits = splits or load_splits(base.data, device)
     objective = TrialObjective(settings, space, base, parent, splits)
     callbacks = [] if stop_at_trials is None else [optuna.study.MaxTrialsCallback(stop_at_trials, states=None)]
     try:
         with one_line_stops():
+            fuse = choose_fuse(settings.fuse, base, device, splits.image_shape, splits.num_classes, n_trials)
+            if fuse > 1:
+                run_fused_trials(study, objective, fuse, n_trials, settings.timeout, stop_at_trials)
+                return splits
             # No gc_after_trial: a full collection over torch's and MLflow's objects took seconds per
             # trial, and a trial's model and optimizer are freed by reference counting anyway.
             study.optimize(objective, n_trials=n_trials, timeout=settings.timeout, catch=TRIAL_FAILURES,

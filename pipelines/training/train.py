@@ -81,6 +81,9 @@ class TrainResult:
     # Whether the steps ran through torch.compile to the end; why they fell back to eager, if they did.
     compiled: bool = False
     compile_fallback: str | None = None
+    # Trained fused with others (``training.fused``): the group's size and its members' names, and
+    # this model's place among them; None when trained alone.
+    fusion: dict | None = None
 
 
 def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -155,6 +158,71 @@ def run_tags(config: RunConfig, device: torch.device) -> dict[str, str]:
             **({"preset": config.preset} if config.preset else {})}
 
 
+class Progress:
+    """One model's training so far: its epochs' metrics, its best validation epoch, early stopping and
+    the epoch whose weights it keeps. ``train`` keeps one; a fused group (``training.fused``) one per member,
+    so that each member logs, stops and keeps its weights exactly as it would alone."""
+
+    def __init__(self, config: RunConfig, logger: RunLogger | None, on_epoch: EpochCallback | None, label: str = ""):
+        self.config, self.logger, self.on_epoch, self.label = config, logger, on_epoch, label
+        self.history: list[dict] = []
+        self.best_val, self.best_epoch, self.best_state, self.stale = math.inf, 0, None, 0
+        self.stopped_early = False
+
+    def end_epoch(self, epoch: int, state: Callable[[], dict], train_terms: dict, val_terms: dict, lr: float,
+                  epoch_seconds: float, examples_per_s: float) -> bool:
+        """Log the epoch, keep the best weights (``state()``: the model's state dict now), run
+        ``on_epoch`` (its exception propagates); True when early stopping says stop."""
+        config = self.config
+        metrics = {**{f"train/{k}": v for k, v in train_terms.items()},
+                   **{f"val/{k}": v for k, v in val_terms.items()},
+                   "lr": lr, "epoch_time_s": epoch_seconds, "examples_per_s": examples_per_s}
+        self.history.append({"epoch": epoch, **metrics})
+        if self.logger:
+            self.logger.log_metrics(metrics, step=epoch)
+        log.info(f"{self.label}epoch {epoch}: train/loss {train_terms['loss']:.2f}  val/loss {val_terms['loss']:.2f}  "
+                 f"val/recon {val_terms['recon']:.2f}  val/kl {val_terms['kl']:.2f}  "
+                 f"{metrics['examples_per_s']:.0f} img/s")
+        if not math.isfinite(val_terms["loss"]):
+            from pipelines.training.divergence import divergence_message
+            raise NonFiniteLossError(divergence_message(config, "validation", epoch, val_terms))
+        if val_terms["loss"] < self.best_val:
+            self.best_val, self.best_epoch, self.stale = val_terms["loss"], epoch, 0
+            if config.optim.restore_best:
+                self.best_state = copy.deepcopy(state())
+        else:
+            self.stale += 1
+        if self.on_epoch:
+            self.on_epoch(epoch, metrics)
+        if config.optim.patience and self.stale >= config.optim.patience:
+            self.stopped_early = True
+            log.info(f"{self.label}early stopping: no val/loss improvement for {self.stale} epochs; "
+                     f"best epoch {self.best_epoch}")
+            return True
+        return False
+
+    def finish(self, model: CVAE, compiled: bool) -> int:
+        """Give ``model`` the kept weights and log the best and kept epochs; return the kept epoch."""
+        kept_epoch = len(self.history)
+        if self.config.optim.restore_best and self.best_epoch != kept_epoch:
+            model.load_state_dict(self.best_state)
+            kept_epoch = self.best_epoch
+        if self.logger:
+            self.logger.set_tags({COMPILED_TAG: str(compiled).lower()})
+            self.logger.log_metrics({"best_epoch": self.best_epoch, "best_val_loss": self.best_val},
+                                    step=self.best_epoch)
+            self.logger.log_metrics({KEPT_EPOCH_METRIC: kept_epoch}, step=kept_epoch)
+        return kept_epoch
+
+
+def log_run_start(logger: RunLogger | None, config: RunConfig, device: torch.device, splits: DatasetSplits) -> None:
+    """What a run logs before its first epoch: params, tags, dataset inputs."""
+    if logger:
+        logger.log_params(flatten(config))
+        logger.set_tags(run_tags(config, device))
+        log_dataset(logger, config, splits)
+
+
 def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCallback | None = None,
           splits: DatasetSplits | None = None) -> TrainResult:
     """Train one model from ``config``; log its params, tags and per-epoch metrics.
@@ -175,15 +243,10 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
     optimizer = build_optimizer(config, model)
     scaler = grad_scaler(config.execution, device)
     batcher = Batcher(config.data.binarize, config.execution.seed, device)
-    if logger:
-        logger.log_params(flatten(config))
-        logger.set_tags(run_tags(config, device))
-        log_dataset(logger, config, splits)
+    log_run_start(logger, config, device, splits)
 
-    history: list[dict] = []
-    best_val, best_epoch, best_state, stale = math.inf, 0, None, 0
+    progress = Progress(config, logger, on_epoch)
     interactive = sys.stderr.isatty()
-    stopped_early = False
     for epoch in range(1, config.optim.epochs + 1):
         started = time.perf_counter()
         with tqdm(total=len(splits.train), desc=f"epoch {epoch}/{config.optim.epochs}", unit="img",
@@ -192,41 +255,12 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
         synchronize(device)
         train_seconds = time.perf_counter() - started
         val_terms = evaluate_split(model, splits.val, batcher, config, device, steps=steps)
-        metrics = {**{f"train/{k}": v for k, v in train_terms.items()},
-                   **{f"val/{k}": v for k, v in val_terms.items()},
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - started,
-                   "examples_per_s": len(splits.train) / train_seconds}
-        history.append({"epoch": epoch, **metrics})
-        if logger:
-            logger.log_metrics(metrics, step=epoch)
-        log.info(f"epoch {epoch}: train/loss {train_terms['loss']:.2f}  val/loss {val_terms['loss']:.2f}  "
-                 f"val/recon {val_terms['recon']:.2f}  val/kl {val_terms['kl']:.2f}  "
-                 f"{metrics['examples_per_s']:.0f} img/s")
-        if not math.isfinite(val_terms["loss"]):
-            from pipelines.training.divergence import divergence_message
-            raise NonFiniteLossError(divergence_message(config, "validation", epoch, val_terms))
-        if val_terms["loss"] < best_val:
-            best_val, best_epoch, stale = val_terms["loss"], epoch, 0
-            if config.optim.restore_best:
-                best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-        if on_epoch:
-            on_epoch(epoch, metrics)
-        if config.optim.patience and stale >= config.optim.patience:
-            stopped_early = True
-            log.info(f"early stopping: no val/loss improvement for {stale} epochs; best epoch {best_epoch}")
+        if progress.end_epoch(epoch, model.state_dict, train_terms, val_terms, optimizer.param_groups[0]["lr"],
+                              time.perf_counter() - started, len(splits.train) / train_seconds):
             break
 
-    kept_epoch = len(history)
-    if config.optim.restore_best and best_epoch != kept_epoch:
-        model.load_state_dict(best_state)
-        kept_epoch = best_epoch
-    if logger:
-        logger.set_tags({COMPILED_TAG: str(steps.compiled).lower()})
-        logger.log_metrics({"best_epoch": best_epoch, "best_val_loss": best_val}, step=best_epoch)
-        logger.log_metrics({KEPT_EPOCH_METRIC: kept_epoch}, step=kept_epoch)
-    return TrainResult(model=model, splits=splits, batcher=batcher, history=history, best_epoch=best_epoch,
-                       best_val_loss=best_val, kept_epoch=kept_epoch, stopped_early=stopped_early, device=device,
-                       seeds=seeds, determinism=determinism, compiled=steps.compiled,
-                       compile_fallback=steps.fallback_error)
+    kept_epoch = progress.finish(model, steps.compiled)
+    return TrainResult(model=model, splits=splits, batcher=batcher, history=progress.history,
+                       best_epoch=progress.best_epoch, best_val_loss=progress.best_val, kept_epoch=kept_epoch,
+                       stopped_early=progress.stopped_early, device=device, seeds=seeds, determinism=determinism,
+                       compiled=steps.compiled, compile_fallback=steps.fallback_error)
