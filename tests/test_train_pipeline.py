@@ -97,7 +97,6 @@ def test_bad_input_through_mlflow_run_fails_the_run(store):
     (["--lr", "-0.01"], "optim.lr=-0.01 is not valid; expected a number > 0"),
     (["--dataset", "imagenet"], "data.dataset='imagenet' is not valid; choose one of: mnist, fashion-mnist, kmnist, "
                                 "cifar10, svhn, folder:PATH, npz:PATH"),
-    (["--dataset", "cifar10"], "cifar10 data not found and not downloadable (CVAE_OFFLINE is set)"),
     (["--dataset", "mnist"], "mnist data not found and not downloadable"),
     (["--device", "cuda:7"], "execution.device='cuda:7' is not valid"),
 ])
