@@ -14,7 +14,11 @@ from typing import Any, Mapping
 
 from cvae.config import ConfigError, ModelConfig, ObjectiveConfig, described, require, require_choice
 
-DATASETS = ("mnist", "fashion-mnist", "kmnist")
+IDX_DATASETS = ("mnist", "fashion-mnist", "kmnist")  # read from their IDX files as they are (1x28x28)
+BUILTIN_DATASETS = (*IDX_DATASETS, "cifar10", "svhn")
+OWN_DATA_KINDS = ("folder", "npz")  # folder:PATH, npz:PATH: one's own images
+DATASETS = (*BUILTIN_DATASETS, *(f"{kind}:PATH" for kind in OWN_DATA_KINDS))  # as docs and errors list them
+IMAGE_CHANNELS = (0, 1, 3)
 BINARIZATIONS = ("none", "static", "dynamic")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -26,7 +30,9 @@ MAX_SEED = 2**63 - 1  # torch generators take at most 64 bits; negative seeds ar
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = described("mnist", "the image dataset; classes and image shape come from it", choices=DATASETS)
+    dataset: str = described("mnist", "the image dataset; classes and image shape come from it; folder:PATH is a "
+                                      "folder with a sub-folder of images per class, npz:PATH a file of arrays x, y "
+                                      "(docs/configuration.md: Your data)", choices=DATASETS)
     # Resolved in pipelines.data, so the recorded config says what was asked, not this machine's path.
     data_dir: str = described("", "where the dataset's files are looked for first; empty: $CVAE_DATA_DIR, else "
                                     "./data (docs/configuration.md: Data)")
@@ -37,14 +43,35 @@ class DataConfig:
     split_seed: int = described(0, "seed of the train/validation split")
     limit_train: int = described(0, "train on N images of the training split (drawn with split_seed); 0 = all")
     limit_test: int = described(0, "test on the first N images of the official test set; 0 = all")
+    image_size: tuple[int, ...] = described((), "H or H,W: every image resized (aspect ratio kept) and centre-cropped "
+                                                 "to H×W, once, into the data cache; empty: as stored (then all must "
+                                                 "be one size); not for the IDX datasets")
+    image_channels: int = described(0, "1 (grey) or 3 (RGB): convert every image; 0: as stored (a folder: grey when "
+                                       "every image is grey, else RGB); not for the IDX datasets")
+    test_fraction: float = described(0.2, "data without a test set of its own (folder:, npz: without x_test): this "
+                                          "fraction of the images, drawn with split_seed, is the test set")
 
     def __post_init__(self):
-        require_choice("data.dataset", self.dataset, DATASETS)
+        object.__setattr__(self, "image_size", tuple(self.image_size))
+        kind, colon, path = self.dataset.partition(":")
+        if not (self.dataset in BUILTIN_DATASETS or (colon and kind in OWN_DATA_KINDS and path.strip())):
+            raise ConfigError(f"data.dataset={self.dataset!r} is not valid; choose one of: {', '.join(DATASETS)}")
         require_choice("data.binarize", self.binarize, BINARIZATIONS)
         require(self.val_size >= 1, "data.val_size", self.val_size, "an integer >= 1")
         require(0 <= self.split_seed <= MAX_SEED, "data.split_seed", self.split_seed, f"an integer in 0..{MAX_SEED}")
         require(self.limit_train >= 0, "data.limit_train", self.limit_train, "an integer >= 0 (0 = all)")
         require(self.limit_test >= 0, "data.limit_test", self.limit_test, "an integer >= 0 (0 = all)")
+        size = as_text(self.image_size)
+        require(len(self.image_size) <= 2 and all(isinstance(v, int) and 1 <= v <= 16384 for v in self.image_size),
+                "data.image_size", size, "H or H,W: one or two integers in 1..16384 (empty: as stored)")
+        require(self.image_channels in IMAGE_CHANNELS, "data.image_channels", self.image_channels,
+                "1 (grey) or 3 (RGB), or 0 (as stored)")
+        require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "a number between 0 and 1")
+        for name, value, shown in (("image_size", self.image_size, size), ("image_channels", self.image_channels,
+                                                                          self.image_channels)):
+            if value and self.dataset in IDX_DATASETS:
+                raise ConfigError(f"data.{name}={shown!r} is not valid for {self.dataset}, read from its IDX files as "
+                                  "they are (1×28×28); it applies to cifar10, svhn, folder: and npz: data")
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,18 @@ def compare_data(original: Mapping, rerun: Mapping) -> list[str]:
     return differences
 
 
+def refuse_other_data(run_id: str, recorded: Mapping[str, str], here: Mapping[str, str], dataset: str) -> None:
+    """Raise a one-line ``UserError`` unless the bytes read here are those the run recorded: a
+    re-run on other data says nothing about the original."""
+    from pipelines.errors import UserError
+
+    differences = [f"{name}: SHA-256 {_short(recorded.get(name))} recorded, {_short(here.get(name))} here"
+                   for name in sorted(set(recorded) | set(here)) if recorded.get(name) != here.get(name)]
+    if differences:
+        raise UserError(f"run {run_id} was trained on other bytes than the {dataset} data here ({'; '.join(differences)}): "
+                        "not reproduced; give --data-dir where the data it was trained on lie")
+
+
 def compare_seeds(original: Mapping, rerun: Mapping) -> list[str]:
     return [f"seed {name}: {original.get(name)} → {rerun.get(name)}"
             for name in sorted(set(original) | set(rerun)) if original.get(name) != rerun.get(name)]
@@ -271,7 +283,8 @@ def reproduce_run(run_id: str, tolerance: float | None = None, experiment: str |
                   run_name: str | None = None, data_dir: str | None = None) -> dict:
     """Re-run ``run_id`` from its manifest in a new run tagged ``reproduces=<id>``; return the report.
 
-    ``data_dir`` only says where the data lie here; their checksums are still compared.
+    ``data_dir`` only says where the data lie here: the bytes read must be those the original
+    recorded (their SHA-256), else nothing is re-run.
     """
     import os
 
@@ -288,7 +301,12 @@ def reproduce_run(run_id: str, tolerance: float | None = None, experiment: str |
     config = from_dict(original["config"])
     if data_dir:
         config = with_overrides(config, {"data.data_dir": data_dir})
-    preflight(config)
+    device = preflight(config)
+    from pipelines.data import load_splits
+
+    splits = load_splits(config.data, device)
+    refuse_other_data(run_id, original.get("data", {}).get("source_files_sha256", {}), splits.source_files,
+                      config.data.dataset)
     if experiment is None and not (os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_EXPERIMENT_ID")):
         experiment = client.get_experiment(client.get_run(run_id).info.experiment_id).name
     # Heavy imports only once the input is known to be good.
@@ -297,7 +315,7 @@ def reproduce_run(run_id: str, tolerance: float | None = None, experiment: str |
 
     with (entry_point_run(experiment, run_name or f"reproduce-{run_id[:8]}", tags={REPRODUCES_TAG: run_id}) as logger,
           run_system_metrics(logger, config.execution)):
-        result = train(config, logger)
+        result = train(config, logger, splits=splits)
         record_run(logger, result, config, FULL)
         rerun = load_manifest(logger.client, logger.run_id)
         chosen = (explicit_tolerance(tolerance) if tolerance is not None

@@ -127,7 +127,7 @@ def test_missing_data_names_the_files_and_the_debian_alternative(tmp_path, monke
     message = str(error.value)
     for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", str(tmp_path / "KMNIST" / "raw")):
         assert name in message
-    monkeypatch.setattr("pipelines.data.DEBIAN_DATASET_DIRS",
+    monkeypatch.setattr("pipelines.data.sources.idx.DEBIAN_DATASET_DIRS",
                         {"fashion-mnist": (tmp_path / "absent", "dataset-fashion-mnist")})
     with pytest.raises(DataUnavailableError, match="apt-get install dataset-fashion-mnist"):
         check_available(DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path)))

@@ -58,7 +58,7 @@ def garbage_strategy(name: str, typ) -> st.SearchStrategy[str]:
         return st.one_of(st.integers(-10, 10**9).map(str), st.sampled_from(ODD_NUMBERS))
     if typ is float:
         return st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.sampled_from(ODD_NUMBERS))
-    if name in ("hidden", "channels"):
+    if name in ("hidden", "channels", "image_size"):
         return st.one_of(st.lists(st.integers(-3, 2000), max_size=4).map(lambda v: ",".join(map(str, v))),
                          st.sampled_from(["64,x", "1e999", "64.5", ",,", "inf"]), _texts())
     return st.one_of(st.sampled_from(["", "nope", "MLP", "cuda:", "fp64"]), _texts())
@@ -74,7 +74,7 @@ def sensible_strategy(name: str, typ) -> st.SearchStrategy[str]:
         return st.integers(0, 60).map(str)
     if typ is float:
         return st.floats(0, 3).map(repr)
-    if name in ("hidden", "channels"):
+    if name in ("hidden", "channels", "image_size"):
         return st.lists(st.integers(1, 64), min_size=1, max_size=3).map(lambda v: ",".join(map(str, v)))
     raise AssertionError(f"no strategy for the string field {name!r}")
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import EXPERIMENT, TINY_PARAMS, assert_no_running, make_store
+from conftest import EXPERIMENT, TINY_PARAMS, assert_no_running, in_process_on, make_store
 from pipelines.entrypoints.reproduce import main as reproduce_main
 from pipelines.recording.manifest import MANIFEST_FILE, load_manifest, weights_sha256
 from pipelines.reproduce import (
@@ -197,16 +197,17 @@ def test_reproduce_via_mlflow_run_agrees_bitwise_and_records_the_report(original
 
 
 @pytest.mark.slow
-def test_an_altered_data_checksum_is_reported_as_differing(original, altered, tmp_path):
-    altered(lambda m: m["data"]["source_files_sha256"].update({FILE: "0" * 64}))
-    done = original.store.cli(REPRODUCE, "--run-id", original.run_id)
-    assert done.returncode == 1 and "DIFFERS" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
-    assert f"differs: data file {FILE}" in done.stdout
-    rerun = reruns_of(original.store, original.run_id)[-1]
-    assert rerun.info.status == "FINISHED" and rerun.data.tags["reproduction_verdict"] == DIFFERS
-    report = report_of(original.store, rerun.info.run_id, tmp_path)
-    assert report["verdict"] == DIFFERS and FILE in report["data_differences"][0]
-    assert report["weights"]["identical"]  # the data themselves did not change: only the record did
+def test_other_data_bytes_are_refused_in_one_line_before_a_run(original, altered, monkeypatch, capsys):
+    read = "train-images-idx3-ubyte"  # the name the bytes read are recorded under (uncompressed)
+    altered(lambda m: m["data"]["source_files_sha256"].update({read: "0" * 64}))
+    before = len(original.store.runs())
+    with in_process_on(original.store, monkeypatch, capsys) as run:
+        code, stderr = run(reproduce_main, "--run-id", original.run_id)
+    assert code == 2 and stderr.strip().splitlines()[-1].startswith(
+        f"error: run {original.run_id} was trained on other bytes than the fashion-mnist data here ({read}: "
+        "SHA-256 000000000000 recorded, "), stderr
+    assert len(original.store.runs()) == before  # nothing re-run, no run opened
+    assert_no_running(original.store)
 
 
 @pytest.mark.slow

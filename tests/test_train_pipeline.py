@@ -95,7 +95,8 @@ def test_bad_input_through_mlflow_run_fails_the_run(store):
     (["--arch", "transformer"], "model.arch='transformer' is not valid; choose one of: mlp, conv"),
     (["--latent-dim", "0"], "model.latent_dim=0 is not valid"),
     (["--lr", "-0.01"], "optim.lr=-0.01 is not valid; expected a number > 0"),
-    (["--dataset", "cifar10"], "data.dataset='cifar10' is not valid; choose one of: mnist, fashion-mnist, kmnist"),
+    (["--dataset", "imagenet"], "data.dataset='imagenet' is not valid; choose one of: mnist, fashion-mnist, kmnist, "
+                                "cifar10, svhn, folder:PATH, npz:PATH"),
     (["--dataset", "mnist"], "mnist data not found and not downloadable"),
     (["--device", "cuda:7"], "execution.device='cuda:7' is not valid"),
 ])

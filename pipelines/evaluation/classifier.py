@@ -32,7 +32,7 @@ from mlflow.types import Schema, TensorSpec
 from cvae.classifier_net import ImageClassifier
 from cvae.evaluation import frechet_distance
 from pipelines.config import DataConfig
-from pipelines.data import SplitData, as_unit_floats, dataset_shape, load_splits
+from pipelines.data import SplitData, as_unit_floats, dataset_shape, load_splits, source_identity
 from pipelines.tracking.runs import (
     REPO_ROOT,
     RunLogger,
@@ -192,7 +192,8 @@ def get_classifier(data: DataConfig, device: torch.device, train_size: int = 0,
         raise ValueError(f"train_size must be >= 0 and epochs >= 1, got {train_size}, {epochs}")
     client = client or MlflowClient()
     image_shape, num_classes = dataset_shape(data)
-    key = cache_key(data.dataset, image_shape, num_classes, train_size, epochs)
+    # Own data: keyed with its bytes' digest (source_identity), so changed images get their own judge.
+    key = cache_key(source_identity(data), image_shape, num_classes, train_size, epochs)
     run = find_cached(client, key)
     if run is not None:
         try:

@@ -1,7 +1,8 @@
 """The data a run used, as MLflow dataset inputs: the runs table's Dataset column.
 
-Each split (training, validation, test) is one input: the dataset's name, a digest from the data
-files' SHA-256 and the split settings (two runs with the same digest saw the same images), and
+Each split (training, validation, test) is one input: the dataset's name (``folder:PATH`` and
+``npz:PATH`` as given) and source (where it was read), a digest from the SHA-256 of the bytes read
+and the split settings (two runs with the same digest saw the same images), and
 its size and shape as a profile. The images stay where they are.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mlflow.entities import DatasetInput, InputTag
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from pipelines.config import RunConfig
+from pipelines.config import DataConfig, RunConfig
 from pipelines.data import DatasetSplits
 from pipelines.tracking.runs import RunLogger
 
@@ -25,7 +26,7 @@ SPLIT_CONTEXTS = (("train", "training"), ("val", "validation"), ("test", "test")
 
 
 class SplitDataset(MetaDataset):
-    """One split of an IDX dataset, as metadata: the images stay where they are.
+    """One split of a dataset, as metadata: the images stay where they are.
 
     Its digest identifies exactly the examples used: the source files' SHA-256 plus the split
     settings, so two runs with the same digest saw the same images.
@@ -47,6 +48,11 @@ def split_digest(source_files: Mapping[str, str], config: RunConfig, split: str)
     data = config.data
     identity = {"files": dict(sorted(source_files.items())), "split": split, "val_size": data.val_size,
                 "split_seed": data.split_seed, "limit_train": data.limit_train, "limit_test": data.limit_test}
+    # Settings that change the images or the drawn test set, named only when set (so the digests of
+    # runs made before they existed stay what they were).
+    defaults = DataConfig()
+    identity |= {name: getattr(data, name) for name in ("image_size", "image_channels", "test_fraction")
+                 if getattr(data, name) != getattr(defaults, name)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -61,7 +67,9 @@ def dataset_inputs(config: RunConfig, splits: DatasetSplits) -> list[DatasetInpu
         split = getattr(splits, attr)
         profile = {"examples": len(split), "split": split.name, "classes": splits.num_classes,
                    "image_shape": [c, h, w], "split_seed": config.data.split_seed,
-                   "source_files_sha256": splits.source_files}
+                   "source_files_sha256": splits.source_files, "class_names": list(splits.class_names)}
+        if splits.test_split:
+            profile["test_split"] = splits.test_split
         dataset = SplitDataset(source, name=splits.dataset, digest=split_digest(splits.source_files, config, attr),
                                schema=schema, profile=profile)
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
