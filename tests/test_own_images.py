@@ -373,3 +373,44 @@ def test_train_on_own_data_records_its_source_digest_and_shape(trained_on_own_da
         assert profile["source_files_sha256"] == files and profile["image_shape"] == shape
         assert profile["class_names"] == names and profile["test_split"]["examples"] == 7
     assert sum(json.loads(inputs[c].profile)["examples"] for c in inputs) == 36
+
+
+def test_a_model_of_own_colour_images_is_evaluated_generated_reproduced_and_tuned(trained_on_own_data, tmp_path):
+    """Everything after `train` on a folder of 3x20x24 colour images, in the same store: evaluate (its
+    judge trained on the folder's images), generate (a colour grid named by the folder's classes),
+    reproduce (same bytes, same numbers), and a one-trial `tune` on the folder. (`mlflow models serve`
+    of a colour model: tests/test_generate_serve.py.)"""
+    from PIL import Image
+
+    from pipelines.entrypoints.evaluate import main as evaluate
+    from pipelines.entrypoints.generate import main as generate
+    from pipelines.entrypoints.reproduce import main as reproduce
+    from pipelines.entrypoints.tune import main as tune
+
+    own = trained_on_own_data
+    run_id = own.runs["folder"].info.run_id
+    grid = tmp_path / "grid.png"
+    with pytest.MonkeyPatch.context() as monkeypatch, in_process_on(own.store, monkeypatch) as run:
+        monkeypatch.setenv("CVAE_CACHE_DIR", str(own.folder.parent / "cache"))
+        codes = {
+            "evaluate": run(evaluate, "--model-uri", run_id, "--k", "2", "--classifier-epochs", "1",
+                            "--run-name", "evaluated")[0],
+            "generate": run(generate, "--model-uri", run_id, "--n", "2", "--output", str(grid))[0],
+            "reproduce": run(reproduce, "--run-id", run_id)[0],
+            "tune": run(tune, *TINY, f"--dataset=folder:{own.folder}", "--space", "optimiser", "--n-trials", "1",
+                        "--study", "own", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                        "--register-as", "none")[0],
+        }
+    assert codes == {"evaluate": 0, "generate": 0, "reproduce": 0, "tune": 0}
+    runs = {r.info.run_name: r for r in own.store.runs()}
+    evaluated = runs["evaluated"]
+    assert evaluated.info.status == "FINISHED" and evaluated.data.metrics["test/neg_elbo"] > 0
+    assert 0 <= evaluated.data.metrics["test/sample_accuracy"] <= 1  # judged by a classifier of the folder
+    image = Image.open(grid)
+    assert image.mode == "RGB" and image.width >= 2 * WIDTH and image.height >= len(CLASSES) * HEIGHT
+    reproduced = [r for r in runs.values() if r.data.tags.get("reproduction_verdict")]
+    assert [r.data.tags["reproduction_verdict"] for r in reproduced] == ["agrees"]
+    trials = [r for r in runs.values() if r.data.tags.get("study") == "own" and "mlflow.parentRunId" in r.data.tags]
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
+    assert trials[0].data.params["data.dataset"] == f"folder:{own.folder}"
+    assert_no_running(own.store)
