@@ -243,14 +243,18 @@ def assert_no_running(store: Store) -> None:
 def server_stack():
     """A private PostgreSQL cluster and `mlflow server` on 127.0.0.1 for the session, stopped at its end.
 
-    Skips (with the reason) where Debian's postgresql or psycopg is not installed.
+    Its password reaches this process and the workers it starts (which inherit the environment)
+    through the stack's $PGPASSFILE, as it reaches a user's. Skips (with the reason) where Debian's
+    postgresql or psycopg is not installed.
     """
     from pipelines.local_stack import local_stack, missing_requirements
 
     reason = missing_requirements()
     if reason:
         pytest.skip(reason)
-    with local_stack() as stack:
+    with local_stack() as stack, pytest.MonkeyPatch.context() as patch:
+        for key, value in stack.env.items():
+            patch.setenv(key, value)
         yield stack
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -266,3 +267,99 @@ def test_a_missing_postgresql_driver_names_the_package_to_install(tmp_path, monk
     message = str(error.value)
     assert message.startswith("storage='postgresql+psycopg://tuner:***@127.0.0.1:1/optuna' is not valid")
     assert "pip install 'cvae-harness[postgres]'" in message and "s3cret" not in message
+
+
+@pytest.fixture
+def private_stack_dir(tmp_path, monkeypatch):
+    """The local stack's private directory, made under the test's tmp_path (root's: under <tmp>)."""
+    import tempfile
+
+    from pipelines.local_stack import private_dir
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return private_dir()
+
+
+def test_the_local_stacks_directory_is_private_and_refused_when_it_is_not(private_stack_dir, tmp_path):
+    import stat
+
+    from pipelines.local_stack import UnsafeStackFiles, private_dir
+
+    info = os.lstat(private_stack_dir)
+    assert info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o067 == 0, oct(info.st_mode)
+    assert private_dir() == private_stack_dir  # an existing private one is used again
+    os.rmdir(private_stack_dir)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", private_stack_dir)
+    with pytest.raises(UnsafeStackFiles, match="not a private directory"):
+        private_dir()
+    os.unlink(private_stack_dir)
+    private_stack_dir.mkdir()
+    private_stack_dir.chmod(0o777)
+    with pytest.raises(UnsafeStackFiles, match="not a private directory"):
+        private_dir()
+
+
+def test_down_signals_and_removes_only_what_up_started(private_stack_dir, tmp_path, capsys):
+    import json
+    import tempfile
+
+    from pipelines.local_stack import STATE_FILE, main
+
+    state = private_stack_dir / STATE_FILE
+    # A process that is not the stack's server, whose PID a planted or stale state file names.
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    stack_dir = Path(tempfile.mkdtemp(prefix="stack-", dir=private_stack_dir))
+    stack_dir.chmod(private_stack_dir.stat().st_mode)
+    if os.geteuid() == 0:
+        os.chown(stack_dir, 0, private_stack_dir.stat().st_gid)
+
+    def record(root, started: float, path=state) -> None:
+        path.write_text(json.dumps({"root": str(root), "postgres_port": 1, "mlflow_port": 1,
+                                    "mlflow_pid": bystander.pid, "pg_bin": "/nonexistent",
+                                    "mlflow_started": started}))
+    try:
+        record(victim, 0.0)  # a directory outside the private one
+        assert main(["down"]) == 2
+        assert "not a stack directory" in capsys.readouterr().err
+        assert victim.is_dir() and state.exists()
+
+        state.unlink()
+        record(stack_dir, 0.0, tmp_path / "planted.json")  # the state file a symlink to someone's file
+        os.symlink(tmp_path / "planted.json", state)
+        assert main(["down"]) == 2
+        assert "is a symlink" in capsys.readouterr().err
+        assert stack_dir.is_dir()
+
+        state.unlink()
+        record(stack_dir, 0.0)  # the stack's own directory, and a PID that is someone else's by now
+        assert main(["down"]) == 0
+        assert not stack_dir.exists() and not state.exists()
+        assert bystander.poll() is None, "down signalled a process it did not start"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@pytest.mark.slow
+def test_the_stacks_postgresql_wants_the_password_only_its_private_file_holds(server_stack, monkeypatch, tmp_path):
+    import stat
+
+    import psycopg
+
+    from pipelines.local_stack import private_dir
+
+    assert Path(server_stack.root).parent == private_dir()
+    assert stat.S_IMODE(server_stack.password_file.stat().st_mode) == 0o600
+    assert os.environ["PGPASSFILE"] == str(server_stack.password_file)
+    dsn = server_stack.optuna_storage.replace("postgresql+psycopg://", "postgresql://")
+    assert ":" not in dsn.split("//", 1)[1].split("@", 1)[0], "no password in the URL"
+    with psycopg.connect(dsn, connect_timeout=30) as connection:
+        assert connection.execute("SELECT 1").fetchone() == (1,)
+    monkeypatch.delenv("PGPASSFILE")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.pgpass either
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(dsn, connect_timeout=30)

@@ -6,6 +6,10 @@ MLflow shows it RUNNING forever. While a run is open, a daemon thread sets the r
 (default 30). A RUNNING run whose last heartbeat (or, without one, whose start) is older than a
 grace period belongs to a dead process; ``stale_runs`` lists them and ``close_stale_run`` ends
 them KILLED, with an ``error`` tag saying why (``python -m pipelines.entrypoints.stale_runs``).
+
+Where the process is known (this machine, a PID), there is no need to wait: ``process_started``
+and ``same_process`` tell whether the process that started at a recorded time still runs (a PID
+the system gave to another process since does not count).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import psutil
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
@@ -24,6 +29,7 @@ INTERVAL_ENV = "CVAE_HEARTBEAT_INTERVAL_S"
 DEFAULT_INTERVAL_S = 30.0
 # A live run beats every 30 s; four missed beats (a store busy for a while) are not yet death.
 DEFAULT_GRACE_S = 120.0
+START_TIME_TOLERANCE_S = 0.05  # psutil's create_time of one process, read twice, agrees far closer
 
 
 def heartbeat_interval() -> float:
@@ -128,3 +134,19 @@ def close_stale_run(client: MlflowClient, stale: StaleRun, reason: str) -> bool:
     client.set_tag(stale.run_id, "error", reason[:5000])
     client.set_terminated(stale.run_id, "KILLED", end_time=int(stale.last_seen_s * 1000))
     return True
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds, psutil's ``create_time``), or None when there is
+    no such process, or it ended and only its zombie is left."""
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
+        return None
+
+
+def same_process(pid: int, started: float) -> bool:
+    """Whether the process that started at ``started`` (``process_started``) still runs as ``pid``."""
+    now = process_started(pid)
+    return now is not None and abs(now - started) < START_TIME_TOLERANCE_S
