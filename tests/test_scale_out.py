@@ -6,6 +6,7 @@ separate machines, sharing two CPU cores (one thread each).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -363,3 +364,50 @@ def test_the_stacks_postgresql_wants_the_password_only_its_private_file_holds(se
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.pgpass either
     with pytest.raises(psycopg.OperationalError, match="password"):
         psycopg.connect(dsn, connect_timeout=30)
+
+
+def test_a_urls_password_is_hidden_wherever_it_is_shown():
+    from pipelines.tracking.redaction import hide_passwords
+
+    assert hide_passwords("postgresql+psycopg://tuner:s3:c/r@t@db:5432/optuna") == \
+        "postgresql+psycopg://tuner:***@t@db:5432/optuna"  # as SQLAlchemy reads it: up to the first @
+    assert hide_passwords("python -m tune --storage=postgresql://u:p%40ss@h/db --x http://h:5000/a") == \
+        "python -m tune --storage=postgresql://u:***@h/db --x http://h:5000/a"
+    assert hide_passwords("postgresql://tuner:a/b?c@db/optuna") == "postgresql://tuner:***@db/optuna"  # unencoded
+    for unchanged in ("postgresql://tuner@db/optuna", "sqlite:///optuna.db", "http://127.0.0.1:5000/#/experiments/1",
+                      "journal:optuna.log", "mlflow-artifacts:/1/abc"):
+        assert hide_passwords(unchanged) == unchanged
+
+
+@pytest.mark.slow
+def test_a_storage_password_is_in_no_param_tag_artifact_or_log_line(server_stack, data_dir, tmp_path):
+    """One worker is given the password in --storage (and told once where it shows), the other in
+    OPTUNA_STORAGE (the documented way); neither may record it anywhere."""
+    password = server_stack.password_file.read_text().strip().rsplit(":", 1)[1]
+    with_password = server_stack.optuna_storage.replace("postgres@", f"postgres:{password}@")
+    env = {k: v for k, v in worker_env(server_stack, data_dir, "secret").items() if k != "PGPASSFILE"}
+    study = ["--study", "secret", "--n-trials", "1", "--epochs", "1"]
+    on_command_line = start_worker(env, tmp_path, *study, "--storage", with_password)
+    from_environment = start_worker({**env, "OPTUNA_STORAGE": with_password}, tmp_path, *study, "--sampler-seed", "2")
+    warned, quiet = wait_all([on_command_line, from_environment])
+
+    warnings = [line for line in warned.splitlines() if "holds a password" in line]
+    assert warnings == ["warning: --storage holds a password: it is visible in the process list; give it in "
+                        "PGPASSFILE (or ~/.pgpass), or the whole URL in $OPTUNA_STORAGE, instead"], warned[-3000:]
+    assert "holds a password" not in quiet
+    assert password not in warned + quiet
+    assert len(optuna.load_study(study_name="secret", storage=server_stack.optuna_storage).trials) == 2
+    client = MlflowClient(server_stack.tracking_uri)
+    runs = experiment_runs(client, "secret")
+    assert len(runs) == 4
+    for run in runs:
+        recorded = {**run.data.params, **run.data.tags, "description": run.data.tags.get("mlflow.note.content", "")}
+        assert not [key for key, value in recorded.items() if password in value], run.info.run_id
+        if PARENT_TAG not in run.data.tags:
+            assert run.data.params["study.storage"] == server_stack.optuna_storage.replace("postgres@", "postgres:***@")
+        else:
+            manifest = json.loads(Path(mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="manifest.json", dst_path=str(tmp_path / run.info.run_id),
+                tracking_uri=server_stack.tracking_uri)).read_text())
+            assert "--storage" not in manifest["command_line"] or "postgres:***@" in manifest["command_line"]
+            assert password not in json.dumps(manifest)

@@ -2,7 +2,7 @@
 
 Database storages carry heartbeats, so a worker killed mid-trial does not leave its trial RUNNING;
 workers starting together on one fresh database take turns creating its tables; a URL is shown
-without its password.
+without its password (``pipelines.tracking.redaction``).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial
 
 from cvae.config import ConfigError, require
+from pipelines.tracking.redaction import hide_passwords
 from pipelines.tracking.store_lock import local_stores_lock
 
 __all__ = ["local_stores_lock"]  # kept here, where the study's steps import it from
@@ -25,17 +26,6 @@ JOURNAL_PREFIX = "journal:"
 SQLITE_TIMEOUT_S = 60  # how long a writer waits for SQLite's lock before "database is locked"
 POSTGRES_STARTUP_LOCK = 0x63766165  # any fixed 64-bit advisory lock key, the same in every worker ("cvae")
 StaleTrialCallback = Callable[[optuna.Study, FrozenTrial], None]
-
-
-def display_url(url: str) -> str:
-    """The storage URL without its password, fit for logs and run params."""
-    if url.startswith(JOURNAL_PREFIX):
-        return url
-    try:
-        from sqlalchemy.engine import make_url
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL: Optuna will say so when it opens it
-        return url
 
 
 def _with_installed_driver(url: str) -> str:
@@ -95,4 +85,4 @@ def load_or_create_study(url: str, name: str, directions: int, heartbeat_grace_s
         if isinstance(error, ImportError) and url.startswith("postgres"):
             missing = error.__cause__ or error  # Optuna re-raises SQLAlchemy's ImportError with its own text
             reason = f"no PostgreSQL driver ({missing}): pip install 'cvae-harness[postgres]' (psycopg 3)"
-        raise ConfigError(f"storage={display_url(url)!r} is not valid; cannot open it: {reason}") from None
+        raise ConfigError(hide_passwords(f"storage={url!r} is not valid; cannot open it: {reason}")) from None
