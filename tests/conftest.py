@@ -286,3 +286,19 @@ def wait_until_a_trial_is_stale(storage_url: str, study: str, grace_s: int) -> N
     wait_until(lambda: storage._get_stale_trial_ids(study_id)
                or storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.FAIL,)),
                f"a trial of study {study!r} without a heartbeat for {grace_s} s")
+
+
+def as_if_on_another_machine(storage_url: str, study: str, pid: int) -> None:
+    """Make the trials process ``pid`` ran look run by a worker on another machine, whose processes
+    no worker here can see: only the heartbeat rule can then find them stale, as in a real cluster."""
+    from optuna.storages import RDBStorage
+
+    from pipelines.studies.storage import WORKER_ATTR
+
+    storage = RDBStorage(storage_url)
+    study_id = storage.get_study_id_from_name(study)
+    for trial in storage.get_all_trials(study_id, deepcopy=False):
+        worker = trial.user_attrs.get(WORKER_ATTR) or {}
+        if worker.get("pid") == pid:
+            storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR,
+                                        {**worker, "host": "another-machine", "pid_namespace": "another-machine"})

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from conftest import REPO, wait_until_a_trial_is_stale
+from conftest import REPO, as_if_on_another_machine, wait_until_a_trial_is_stale
 
 TUNE = "pipelines.entrypoints.tune"
 PARENT_TAG = "mlflow.parentRunId"
@@ -173,6 +173,7 @@ def test_a_sigkilled_workers_trial_fails_and_is_retried_once_by_another_worker(s
     finally:
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(timeout=60)
+    as_if_on_another_machine(server_stack.optuna_storage, "crash", doomed.pid)
     # Started once the dead worker's trial is stale, so this worker is sure to find it (the
     # survivor may find it first).
     wait_until_a_trial_is_stale(server_stack.optuna_storage, "crash", HEARTBEAT_GRACE_S)

@@ -32,6 +32,7 @@ from pipelines.studies.workers import (
     coordinate_workers,
     run_as_worker,
 )
+from pipelines.tracking.liveness import PROCESS_TAG, ProcessId
 from pipelines.tracking.redaction import has_password
 from pipelines.tracking.runs import entry_point_run
 from pipelines.training.preflight import preflight
@@ -139,7 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker_of:
         run_as_worker(study, settings, space, base, args.worker_of, args.worker_index, args.stop_at_trials)
         return 0
-    with entry_point_run(args.experiment, args.run_name or settings.name, tags={"study": settings.name}) as parent:
+    # PROCESS_TAG: a worker whose trial's process is gone can see whether this parent run's is too.
+    tags = {"study": settings.name, PROCESS_TAG: ProcessId.current().to_json()}
+    with entry_point_run(args.experiment, args.run_name or settings.name, tags=tags) as parent:
         log.info(f"study {settings.name!r}: {len(study.trials)} trials so far; parent run {parent.run_id}")
         if settings.workers == 1:
             run_study(study, settings, space, base, parent)
