@@ -378,6 +378,14 @@ def test_a_urls_password_is_hidden_wherever_it_is_shown():
     for unchanged in ("postgresql://tuner@db/optuna", "sqlite:///optuna.db", "http://127.0.0.1:5000/#/experiments/1",
                       "journal:optuna.log", "mlflow-artifacts:/1/abc"):
         assert hide_passwords(unchanged) == unchanged
+    # A command's log lines, whatever a message puts in them.
+    import logging
+
+    from pipelines.entrypoints.logs import _HidePasswords
+
+    record = logging.LogRecord("pipelines.x", logging.WARNING, __file__, 1, "cannot open %s", ("postgresql://u:pw@h/db",),
+                               None)
+    assert _HidePasswords().filter(record) and record.getMessage() == "cannot open postgresql://u:***@h/db"
 
 
 @pytest.mark.slow
