@@ -279,14 +279,18 @@ def assert_no_running(store: Store) -> None:
 def server_stack():
     """A private PostgreSQL cluster and `mlflow server` on 127.0.0.1 for the session, stopped at its end.
 
-    Skips (with the reason) where Debian's postgresql or psycopg is not installed.
+    Its password reaches this process and the workers it starts (which inherit the environment)
+    through the stack's $PGPASSFILE, as it reaches a user's. Skips (with the reason) where Debian's
+    postgresql or psycopg is not installed.
     """
     from pipelines.local_stack import local_stack, missing_requirements
 
     reason = missing_requirements()
     if reason:
         pytest.skip(reason)
-    with local_stack() as stack:
+    with local_stack() as stack, pytest.MonkeyPatch.context() as patch:
+        for key, value in stack.env.items():
+            patch.setenv(key, value)
         yield stack
 
 
@@ -318,3 +322,19 @@ def wait_until_a_trial_is_stale(storage_url: str, study: str, grace_s: int) -> N
     wait_until(lambda: storage._get_stale_trial_ids(study_id)
                or storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.FAIL,)),
                f"a trial of study {study!r} without a heartbeat for {grace_s} s")
+
+
+def as_if_on_another_machine(storage_url: str, study: str, pid: int) -> None:
+    """Make the trials process ``pid`` ran look run by a worker on another machine, whose processes
+    no worker here can see: only the heartbeat rule can then find them stale, as in a real cluster."""
+    from optuna.storages import RDBStorage
+
+    from pipelines.studies.storage import WORKER_ATTR
+
+    storage = RDBStorage(storage_url)
+    study_id = storage.get_study_id_from_name(study)
+    for trial in storage.get_all_trials(study_id, deepcopy=False):
+        worker = trial.user_attrs.get(WORKER_ATTR) or {}
+        if worker.get("pid") == pid:
+            storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR,
+                                        {**worker, "host": "another-machine", "pid_namespace": "another-machine"})

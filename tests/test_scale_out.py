@@ -6,6 +6,7 @@ separate machines, sharing two CPU cores (one thread each).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -21,7 +23,7 @@ from mlflow import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from conftest import REPO, wait_until_a_trial_is_stale
+from conftest import REPO, as_if_on_another_machine, wait_until_a_trial_is_stale
 
 TUNE = "pipelines.entrypoints.tune"
 PARENT_TAG = "mlflow.parentRunId"
@@ -171,6 +173,7 @@ def test_a_sigkilled_workers_trial_fails_and_is_retried_once_by_another_worker(s
     finally:
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(timeout=60)
+    as_if_on_another_machine(server_stack.optuna_storage, "crash", doomed.pid)
     # Started once the dead worker's trial is stale, so this worker is sure to find it (the
     # survivor may find it first).
     wait_until_a_trial_is_stale(server_stack.optuna_storage, "crash", HEARTBEAT_GRACE_S)
@@ -266,3 +269,154 @@ def test_a_missing_postgresql_driver_names_the_package_to_install(tmp_path, monk
     message = str(error.value)
     assert message.startswith("storage='postgresql+psycopg://tuner:***@127.0.0.1:1/optuna' is not valid")
     assert "pip install 'cvae-harness[postgres]'" in message and "s3cret" not in message
+
+
+@pytest.fixture
+def private_stack_dir(tmp_path, monkeypatch):
+    """The local stack's private directory, made under the test's tmp_path (root's: under <tmp>)."""
+    import tempfile
+
+    from pipelines.local_stack import private_dir
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return private_dir()
+
+
+def test_the_local_stacks_directory_is_private_and_refused_when_it_is_not(private_stack_dir, tmp_path):
+    import stat
+
+    from pipelines.local_stack import UnsafeStackFiles, private_dir
+
+    info = os.lstat(private_stack_dir)
+    assert info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o067 == 0, oct(info.st_mode)
+    assert private_dir() == private_stack_dir  # an existing private one is used again
+    os.rmdir(private_stack_dir)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", private_stack_dir)
+    with pytest.raises(UnsafeStackFiles, match="not a private directory"):
+        private_dir()
+    os.unlink(private_stack_dir)
+    private_stack_dir.mkdir()
+    private_stack_dir.chmod(0o777)
+    with pytest.raises(UnsafeStackFiles, match="not a private directory"):
+        private_dir()
+
+
+def test_down_signals_and_removes_only_what_up_started(private_stack_dir, tmp_path, capsys):
+    import json
+    import tempfile
+
+    from pipelines.local_stack import STATE_FILE, main
+
+    state = private_stack_dir / STATE_FILE
+    # A process that is not the stack's server, whose PID a planted or stale state file names.
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    stack_dir = Path(tempfile.mkdtemp(prefix="stack-", dir=private_stack_dir))
+    stack_dir.chmod(private_stack_dir.stat().st_mode)
+    if os.geteuid() == 0:
+        os.chown(stack_dir, 0, private_stack_dir.stat().st_gid)
+
+    def record(root, started: float, path=state) -> None:
+        path.write_text(json.dumps({"root": str(root), "postgres_port": 1, "mlflow_port": 1,
+                                    "mlflow_pid": bystander.pid, "pg_bin": "/nonexistent",
+                                    "mlflow_started": started}))
+    try:
+        record(victim, 0.0)  # a directory outside the private one
+        assert main(["down"]) == 2
+        assert "not a stack directory" in capsys.readouterr().err
+        assert victim.is_dir() and state.exists()
+
+        state.unlink()
+        record(stack_dir, 0.0, tmp_path / "planted.json")  # the state file a symlink to someone's file
+        os.symlink(tmp_path / "planted.json", state)
+        assert main(["down"]) == 2
+        assert "is a symlink" in capsys.readouterr().err
+        assert stack_dir.is_dir()
+
+        state.unlink()
+        record(stack_dir, 0.0)  # the stack's own directory, and a PID that is someone else's by now
+        assert main(["down"]) == 0
+        assert not stack_dir.exists() and not state.exists()
+        assert bystander.poll() is None, "down signalled a process it did not start"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@pytest.mark.slow
+def test_the_stacks_postgresql_wants_the_password_only_its_private_file_holds(server_stack, monkeypatch, tmp_path):
+    import stat
+
+    import psycopg
+
+    from pipelines.local_stack import private_dir
+
+    assert Path(server_stack.root).parent == private_dir()
+    assert stat.S_IMODE(server_stack.password_file.stat().st_mode) == 0o600
+    assert os.environ["PGPASSFILE"] == str(server_stack.password_file)
+    dsn = server_stack.optuna_storage.replace("postgresql+psycopg://", "postgresql://")
+    assert ":" not in dsn.split("//", 1)[1].split("@", 1)[0], "no password in the URL"
+    with psycopg.connect(dsn, connect_timeout=30) as connection:
+        assert connection.execute("SELECT 1").fetchone() == (1,)
+    monkeypatch.delenv("PGPASSFILE")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.pgpass either
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(dsn, connect_timeout=30)
+
+
+def test_a_urls_password_is_hidden_wherever_it_is_shown():
+    from pipelines.tracking.redaction import hide_passwords
+
+    assert hide_passwords("postgresql+psycopg://tuner:s3:c/r@t@db:5432/optuna") == \
+        "postgresql+psycopg://tuner:***@t@db:5432/optuna"  # as SQLAlchemy reads it: up to the first @
+    assert hide_passwords("python -m tune --storage=postgresql://u:p%40ss@h/db --x http://h:5000/a") == \
+        "python -m tune --storage=postgresql://u:***@h/db --x http://h:5000/a"
+    assert hide_passwords("postgresql://tuner:a/b?c@db/optuna") == "postgresql://tuner:***@db/optuna"  # unencoded
+    for unchanged in ("postgresql://tuner@db/optuna", "sqlite:///optuna.db", "http://127.0.0.1:5000/#/experiments/1",
+                      "journal:optuna.log", "mlflow-artifacts:/1/abc"):
+        assert hide_passwords(unchanged) == unchanged
+    # A command's log lines, whatever a message puts in them.
+    import logging
+
+    from pipelines.entrypoints.logs import _HidePasswords
+
+    record = logging.LogRecord("pipelines.x", logging.WARNING, __file__, 1, "cannot open %s", ("postgresql://u:pw@h/db",),
+                               None)
+    assert _HidePasswords().filter(record) and record.getMessage() == "cannot open postgresql://u:***@h/db"
+
+
+@pytest.mark.slow
+def test_a_storage_password_is_in_no_param_tag_artifact_or_log_line(server_stack, data_dir, tmp_path):
+    """One worker is given the password in --storage (and told once where it shows), the other in
+    OPTUNA_STORAGE (the documented way); neither may record it anywhere."""
+    password = server_stack.password_file.read_text().strip().rsplit(":", 1)[1]
+    with_password = server_stack.optuna_storage.replace("postgres@", f"postgres:{password}@")
+    env = {k: v for k, v in worker_env(server_stack, data_dir, "secret").items() if k != "PGPASSFILE"}
+    study = ["--study", "secret", "--n-trials", "1", "--epochs", "1"]
+    on_command_line = start_worker(env, tmp_path, *study, "--storage", with_password)
+    from_environment = start_worker({**env, "OPTUNA_STORAGE": with_password}, tmp_path, *study, "--sampler-seed", "2")
+    warned, quiet = wait_all([on_command_line, from_environment])
+
+    warnings = [line for line in warned.splitlines() if "holds a password" in line]
+    assert warnings == ["warning: --storage holds a password: it is visible in the process list; give it in "
+                        "PGPASSFILE (or ~/.pgpass), or the whole URL in $OPTUNA_STORAGE, instead"], warned[-3000:]
+    assert "holds a password" not in quiet
+    assert password not in warned + quiet
+    assert len(optuna.load_study(study_name="secret", storage=server_stack.optuna_storage).trials) == 2
+    client = MlflowClient(server_stack.tracking_uri)
+    runs = experiment_runs(client, "secret")
+    assert len(runs) == 4
+    for run in runs:
+        recorded = {**run.data.params, **run.data.tags, "description": run.data.tags.get("mlflow.note.content", "")}
+        assert not [key for key, value in recorded.items() if password in value], run.info.run_id
+        if PARENT_TAG not in run.data.tags:
+            assert run.data.params["study.storage"] == server_stack.optuna_storage.replace("postgres@", "postgres:***@")
+        else:
+            manifest = json.loads(Path(mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="manifest.json", dst_path=str(tmp_path / run.info.run_id),
+                tracking_uri=server_stack.tracking_uri)).read_text())
+            assert "--storage" not in manifest["command_line"] or "postgres:***@" in manifest["command_line"]
+            assert password not in json.dumps(manifest)

@@ -1,6 +1,7 @@
 """The `tune` entry point end to end: real studies on tiny data, checked in Optuna's storage and MLflow."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -10,9 +11,10 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from conftest import TINY_DATA, TINY_PARAMS, assert_no_running, wait_until_a_trial_is_stale
+from conftest import TINY_DATA, TINY_PARAMS, as_if_on_another_machine, assert_no_running, wait_until_a_trial_is_stale
 from pipelines.entrypoints import tune as tune_entry_point
 from pipelines.entrypoints.common import run_main
 
@@ -278,8 +280,8 @@ def test_ctrl_c_fails_the_trial_kills_its_run_and_the_study_resumes(store, tmp_p
 
 @pytest.mark.slow
 def test_a_killed_workers_trial_is_failed_by_the_next_worker(store):
-    # Worker A dies mid-trial (kill -9: nothing of it can clean up); worker B, started after the
-    # heartbeat grace period, must fail A's trial and close A's child and parent runs.
+    # Worker A, on another machine, dies mid-trial (kill -9: nothing of it can clean up); worker B,
+    # started after the heartbeat grace period, must fail A's trial and close A's child and parent runs.
     slow = ("--epochs", "500", "--patience", "0", "--heartbeat-grace", "2")
     doomed = start_worker(store, store.env, *study_args(store, "crash", "--n-trials", "1", *slow))
     try:
@@ -289,6 +291,7 @@ def test_a_killed_workers_trial_is_failed_by_the_next_worker(store):
     finally:
         doomed.kill()
         doomed.wait(timeout=60)
+    as_if_on_another_machine(storage_url(store), "crash", doomed.pid)
     wait_until_a_trial_is_stale(storage_url(store), "crash", grace_s=2)
     done = store.cli(TUNE, *study_args(store, "crash", "--n-trials", "1", "--heartbeat-grace", "2"))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -300,6 +303,62 @@ def test_a_killed_workers_trial_is_failed_by_the_next_worker(store):
     assert crashed.info.status == "KILLED" and crashed.data.tags["trial_state"] == "FAIL"
     assert runs[crashed.data.tags[PARENT_TAG]].info.status == "KILLED"
     assert_no_running(store)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # retried_trial_number
+def test_a_killed_workers_trial_is_failed_and_retried_at_once_by_a_worker_on_the_same_machine(store):
+    # Worker A dies mid-trial (kill -9); worker B starts at once, well inside a heartbeat grace of 10
+    # minutes. A's process is gone from this machine, so B need not wait: it fails A's trial, ends A's
+    # child and parent runs KILLED, and runs A's parameters again.
+    grace = ("--heartbeat-grace", "600")
+    doomed = start_worker(store, store.env, *study_args(store, "gone", "--n-trials", "1", "--epochs", "500",
+                                                        "--patience", "0", *grace))
+    try:
+        for line in doomed.stdout:
+            if line.startswith("epoch 1:"):
+                break
+    finally:
+        doomed.kill()
+        doomed.wait(timeout=60)
+    done = store.cli(TUNE, *study_args(store, "gone", "--n-trials", "1", *grace))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"trial 0 failed: the worker running this trial (pid {doomed.pid} on " in done.stderr
+    trials = load_trials(store, "gone")
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[1]) == 0
+    assert trials[1].params == trials[0].params
+    runs = by_id(store.runs())
+    crashed = runs[trials[0].user_attrs["mlflow_run_id"]]
+    assert crashed.info.status == "KILLED" and crashed.data.tags["trial_state"] == "FAIL"
+    assert "is gone (killed)" in crashed.data.tags["error"]
+    old_parent = runs[crashed.data.tags[PARENT_TAG]]
+    assert old_parent.info.status == "KILLED" and "is gone (killed)" in old_parent.data.tags["error"]
+    assert_no_running(store)
+
+
+def test_a_parent_run_whose_process_is_gone_is_closed_when_the_study_next_starts(in_store):
+    # A study process killed between two trials leaves no trial RUNNING, only its parent run.
+    from mlflow import MlflowClient
+
+    from pipelines.config import RunConfig
+    from pipelines.studies.settings import StudySettings
+    from pipelines.studies.tune import prepare_study
+    from pipelines.tracking.liveness import PROCESS_TAG, ProcessId, process_started
+    from pipelines.tracking.runs import start_run
+
+    killed = subprocess.Popen(["sleep", "300"])
+    gone = ProcessId.current().as_dict() | {"pid": killed.pid, "started": process_started(killed.pid)}
+    killed.kill()
+    killed.wait()
+    client = MlflowClient()
+    orphan = start_run(client, "tests", "orphan", tags={"study": "orphan", PROCESS_TAG: json.dumps(gone)})
+    alive = start_run(client, "tests", "alive", tags={"study": "orphan", PROCESS_TAG: ProcessId.current().to_json()})
+    prepare_study(StudySettings(name="orphan", storage=storage_url(in_store)), RunConfig(), "tests")
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert f"(pid {killed.pid} on " in client.get_run(orphan).data.tags["error"]
+    assert client.get_run(alive).info.status == "RUNNING", "a run whose process still runs is left alone"
+    client.set_terminated(alive)
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "nsga2"])

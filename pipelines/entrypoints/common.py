@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 from pipelines.entrypoints import under_mlflow_run
 from pipelines.entrypoints.logs import configure_logging
 from pipelines.errors import RunFailedError, UserError
+from pipelines.tracking.redaction import hide_passwords
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -46,7 +47,7 @@ def _stop(signum, frame) -> None:
 
 
 def _first_line(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+    return hide_passwords(str(error).splitlines()[0]) if str(error).strip() else type(error).__name__
 
 
 def exit_code(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

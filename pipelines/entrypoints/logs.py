@@ -6,11 +6,14 @@ or a handler on the ``pipelines`` logger) or silences them. A command (``run_mai
 on stderr, a line each, warnings prefixed ``warning:``; ``--quiet`` keeps warnings only (also of
 Optuna and MLflow), ``--verbose`` adds debug messages. What a command produces (a summary line, a
 report, a listing) and its final ``error:`` line are printed, not logged: they are its output.
+No password in a URL is shown (``pipelines.tracking.redaction``).
 """
 from __future__ import annotations
 
 import logging
 import sys
+
+from pipelines.tracking.redaction import hide_passwords
 
 HARNESS_LOGGER = "pipelines"
 QUIETED_LIBRARIES = ("optuna", "mlflow")  # their INFO lines (Optuna's "Trial 3 finished ...") go too
@@ -31,6 +34,17 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _HidePasswords(logging.Filter):
+    """A URL's password in a message is shown as ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = hide_passwords(message)
+        if hidden != message:
+            record.msg, record.args = hidden, None
+        return True
+
+
 class _CommandLineFormatter(logging.Formatter):
     """``message`` for information, ``warning: message`` (``error: ...``) for worse."""
 
@@ -45,6 +59,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
         handler = _StderrHandler()
         handler.setFormatter(_CommandLineFormatter("%(message)s"))
+        handler.addFilter(_HidePasswords())
         logger.addHandler(handler)
         logger.propagate = False  # shown once, whatever the root logger does
     set_level(level)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
 from pipelines.config_cli import add_config_arguments, config_from_args
 from pipelines.entrypoints.command_line import CommandParser, add_flag, add_run_arguments, integer, number
 from pipelines.entrypoints.common import run_main
+from pipelines.entrypoints.under_mlflow_run import option_label, started_by_mlflow_run
 from pipelines.metrics import OBJECTIVES
 from pipelines.studies.settings import (
     DEFAULT_TRIALS,
@@ -32,13 +34,16 @@ from pipelines.studies.workers import (
     coordinate_workers,
     run_as_worker,
 )
+from pipelines.tracking.liveness import PROCESS_TAG, ProcessId
+from pipelines.tracking.redaction import has_password
 from pipelines.tracking.runs import entry_point_run
 from pipelines.training.preflight import preflight
 from search_spaces import resolve_space, space_names
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipelines.entrypoints.tune")  # not __name__: that is "__main__" under python -m
 
 NO_REGISTRATION = "none"
+STORAGE_ENV = "OPTUNA_STORAGE"  # the storage URL when --storage is not given: a password in it stays off the command line
 DEFAULTS = StudySettings()  # the only place the study's defaults are written
 
 
@@ -55,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     study = parser.add_argument_group("study")
     add_flag(study, "study", default=DEFAULTS.name, help="study name; the same name and storage resume the study "
              "(default %(default)s)")
-    add_flag(study, "storage", default=DEFAULTS.storage,
-             help="Optuna storage URL (default %(default)s; journal:PATH for a journal file; "
-                  "postgresql://... for many workers)")
+    add_flag(study, "storage", default=None,
+             help=f"Optuna storage URL (default: ${STORAGE_ENV}, else {DEFAULTS.storage}; journal:PATH for a "
+                  "journal file; postgresql://... for many workers, its password in PGPASSFILE or ~/.pgpass, "
+                  f"or the whole URL in ${STORAGE_ENV}: a password on the command line is visible to others)")
     add_flag(study, "space", default=DEFAULTS.space,
              help=f"search space: {', '.join(space_names())}, or path/to/file.py:function (default %(default)s)")
     add_flag(study, "objectives", type=names, default=DEFAULTS.objectives,
@@ -117,8 +123,9 @@ def settings_from_args(args: argparse.Namespace, seed: int) -> StudySettings:
         check_model_name(register_as, "the study name, which names the registered model when --register-as is "
                          "not given", f"; give --register-as NAME, or --register-as {NO_REGISTRATION} to register "
                          "nothing")
+    storage = args.storage or os.environ.get(STORAGE_ENV) or DEFAULTS.storage
     return StudySettings(
-        name=args.study, storage=args.storage, space=args.space, objectives=args.objectives, sampler=args.sampler,
+        name=args.study, storage=storage, space=args.space, objectives=args.objectives, sampler=args.sampler,
         sampler_seed=seed if args.sampler_seed is None else args.sampler_seed, pruner=args.pruner,
         pruner_startup_trials=args.pruner_startup_trials, pruner_warmup_epochs=args.pruner_warmup_epochs,
         n_trials=args.n_trials, timeout=args.timeout,
@@ -133,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_spaces:
         print("\n".join(space_names()))
         return 0
+    if args.storage and has_password(args.storage) and not args.worker_of:  # its workers would say it again
+        where = ", in `mlflow run`'s \"Running command\" line and in the run's storage param" \
+            if started_by_mlflow_run() else ""
+        log.warning(f"{option_label('--storage')} holds a password: it is visible in the process list{where}; "
+                    f"give it in PGPASSFILE (or ~/.pgpass), or the whole URL in ${STORAGE_ENV}, instead")
     base = config_from_args(args)
     settings = settings_from_args(args, base.execution.seed)
     space = resolve_space(settings.space)
@@ -141,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker_of:
         run_as_worker(study, settings, space, base, args.worker_of, args.worker_index, args.stop_at_trials)
         return 0
-    with entry_point_run(args.experiment, args.run_name or settings.name, tags={"study": settings.name}) as parent:
+    # PROCESS_TAG: a worker whose trial's process is gone can see whether this parent run's is too.
+    tags = {"study": settings.name, PROCESS_TAG: ProcessId.current().to_json()}
+    with entry_point_run(args.experiment, args.run_name or settings.name, tags=tags) as parent:
         log.info(f"study {settings.name!r}: {len(study.trials)} trials so far; parent run {parent.run_id}")
         if settings.workers == 1:
             run_study(study, settings, space, base, parent)

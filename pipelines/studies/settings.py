@@ -13,7 +13,6 @@ from mlflow.utils.validation import _validate_model_name
 
 from cvae.config import ConfigError, require, require_choice
 from pipelines.metrics import DEFAULT_OBJECTIVE, OBJECTIVES, objective_name
-from pipelines.studies.storage import display_url
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 HEARTBEAT_GRACE_S = 120  # a running trial silent this long belongs to a dead worker
@@ -108,8 +107,8 @@ def trials_to_run(settings: StudySettings) -> int | None:
 
 
 def study_params(settings: StudySettings) -> dict[str, object]:
-    """The settings as the parent run's params (the storage without its password)."""
-    return {"study.name": settings.name, "study.storage": display_url(settings.storage),
+    """The settings as the parent run's params (``RunLogger`` logs the storage without its password)."""
+    return {"study.name": settings.name, "study.storage": settings.storage,
             "study.space": settings.space, "study.objectives": ",".join(settings.objectives),
             "study.sampler": settings.sampler, "study.sampler_seed": settings.sampler_seed,
             "study.pruner": settings.pruner if settings.prunes else "none",

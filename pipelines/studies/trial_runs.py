@@ -3,7 +3,8 @@
 Every call names its run explicitly (``MlflowClient`` + run id): trials never go through MLflow's
 thread-local "active run". Optuna's ``MLflowCallback`` is not used: it is deprecated and logs
 after the trial ends, from one place, so it serialises trials and cannot see pruning as it happens.
-A trial keeps its run's id (``RUN_ID_ATTR``) and its parent's (``PARENT_RUN_ID_ATTR``).
+A trial keeps its run's id (``RUN_ID_ATTR``), its parent's (``PARENT_RUN_ID_ATTR``) and the
+process running it (``WORKER_ATTR``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
-from pipelines.tracking.liveness import heartbeat
+from pipelines.studies.storage import WORKER_ATTR, worker_of
+from pipelines.tracking.liveness import PROCESS_TAG, ProcessId, heartbeat
 from pipelines.tracking.runs import RunLogger, end_run_for, start_run
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ def trial_run(client: MlflowClient, parent_run_id: str, study_name: str,
     reached. Interrupted: KILLED. Any error: FAILED with the error text. The ``trial_state`` tag
     says what Optuna recorded: COMPLETE, PRUNED or FAIL.
     """
+    trial.set_user_attr(WORKER_ATTR, ProcessId.current().as_dict())  # first: a worker killed from here on can be seen gone
     run_id = start_run(client, run_name=f"trial-{trial.number}", parent_run_id=parent_run_id,
                        tags={"study": study_name, "trial_number": str(trial.number), STATE_TAG: "RUNNING"})
     trial.set_user_attr(RUN_ID_ATTR, run_id)
@@ -63,19 +66,33 @@ def close_abandoned_trial(study: optuna.Study, client: MlflowClient, trial: optu
         client.set_terminated(run_id, "KILLED")
 
 
+def _stale_reason(trial: FrozenTrial) -> str:
+    worker = worker_of(trial)
+    if worker is not None and worker.is_gone():
+        return f"the worker running this trial ({worker}) is gone (killed)"
+    return "the worker running this trial stopped sending heartbeats (killed or lost)"
+
+
 def close_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Optuna failed ``trial`` because its worker stopped sending heartbeats: that worker is gone,
-    so its child run and its parent run end KILLED here, by the worker that noticed."""
-    reason = "the worker running this trial stopped sending heartbeats (killed or lost)"
+    """Optuna failed ``trial`` because its worker is gone (no heartbeats, or its process ended on
+    this machine), so its child run ends KILLED here, by the worker that noticed; and so does its
+    parent run, unless the process holding that one (``PROCESS_TAG``: the coordinator of
+    `--workers N`) is known to run still."""
+    reason = _stale_reason(trial)
     log.warning(f"trial {trial.number} failed: {reason}")
     client = MlflowClient()
     try:
         for attr in (RUN_ID_ATTR, PARENT_RUN_ID_ATTR):
             run_id = trial.user_attrs.get(attr)
-            if run_id and client.get_run(run_id).info.status == "RUNNING":
-                client.set_tag(run_id, "error", reason)
-                if attr == RUN_ID_ATTR:
-                    client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
-                client.set_terminated(run_id, "KILLED")
+            run = client.get_run(run_id) if run_id else None
+            if run is None or run.info.status != "RUNNING":
+                continue
+            owner = ProcessId.parse(run.data.tags.get(PROCESS_TAG))
+            if attr == PARENT_RUN_ID_ATTR and owner is not None and owner.is_running():
+                continue
+            client.set_tag(run_id, "error", reason)
+            if attr == RUN_ID_ATTR:
+                client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
+            client.set_terminated(run_id, "KILLED")
     except MlflowException as error:  # the study goes on; the runs stay RUNNING in the UI until closed
         log.warning(f"could not close trial {trial.number}'s MLflow runs: {error}")

@@ -30,6 +30,7 @@ from pipelines.studies.settings import StudySettings, study_params, trials_to_ru
 from pipelines.studies.storage import load_or_create_study, local_stores_lock
 from pipelines.studies.study_summary import summarise_study
 from pipelines.studies.trial_runs import close_abandoned_trial, close_stale_trial
+from pipelines.tracking.liveness import close_runs_of_gone_processes
 from pipelines.tracking.runs import RunLogger, require_tracking_server, resolve_experiment_id
 from pipelines.training.devices import resolve_device
 
@@ -51,7 +52,10 @@ def prepare_study(settings: StudySettings, base: RunConfig, experiment: str | No
     with local_stores_lock([settings.storage, mlflow.get_tracking_uri()]):
         study = load_or_create_study(settings.storage, settings.name, len(settings.objectives),
                                      settings.heartbeat_grace_s, close_stale_trial)
-        resolve_experiment_id(MlflowClient(), experiment)  # the client creates MLflow's tables
+        experiment_id = resolve_experiment_id(MlflowClient(), experiment)  # the client creates MLflow's tables
+    # Parent runs of studies whose process was killed between trials (no trial of theirs was left RUNNING).
+    for run_id in close_runs_of_gone_processes(MlflowClient(), [experiment_id]):
+        log.warning(f"run {run_id} ended KILLED: the process holding it open is gone (killed)")
     recorded = study.user_attrs.get(OBJECTIVES_ATTR)
     if recorded is None:
         study.set_user_attr(OBJECTIVES_ATTR, list(settings.objectives))

@@ -6,16 +6,25 @@ MLflow shows it RUNNING forever. While a run is open, a daemon thread sets the r
 (default 30). A RUNNING run whose last heartbeat (or, without one, whose start) is older than a
 grace period belongs to a dead process; ``stale_runs`` lists them and ``close_stale_run`` ends
 them KILLED, with an ``error`` tag saying why (``python -m pipelines.entrypoints.stale_runs``).
+
+Where the process is known, there is no need to wait: ``ProcessId`` records which process holds
+something open (host, PID, start time, and which PIDs it shares: the boot and PID namespace), and
+another process that sees the same PIDs tells at once whether it still runs (a PID the system gave
+to another process since does not count); elsewhere it knows nothing, and the grace period decides.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
+import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator
 
+import psutil
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
@@ -24,6 +33,8 @@ INTERVAL_ENV = "CVAE_HEARTBEAT_INTERVAL_S"
 DEFAULT_INTERVAL_S = 30.0
 # A live run beats every 30 s; four missed beats (a store busy for a while) are not yet death.
 DEFAULT_GRACE_S = 120.0
+PROCESS_TAG = "process"  # on a run another process may find orphaned: the ProcessId (JSON) holding it open
+START_TIME_TOLERANCE_S = 0.05  # psutil's create_time of one process, read twice, agrees far closer
 
 
 def heartbeat_interval() -> float:
@@ -128,3 +139,87 @@ def close_stale_run(client: MlflowClient, stale: StaleRun, reason: str) -> bool:
     client.set_tag(stale.run_id, "error", reason[:5000])
     client.set_terminated(stale.run_id, "KILLED", end_time=int(stale.last_seen_s * 1000))
     return True
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds, psutil's ``create_time``), or None when there is
+    no such process, or it ended and only its zombie is left."""
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.Error:
+        return None
+
+
+def same_process(pid: int, started: float) -> bool:
+    """Whether the process that started at ``started`` (``process_started``) still runs as ``pid``."""
+    now = process_started(pid)
+    return now is not None and abs(now - started) < START_TIME_TOLERANCE_S
+
+
+@functools.cache
+def _pid_namespace() -> str:
+    """Which PIDs this process sees: the kernel's boot id and its PID namespace ('' without /proc)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            return f"{boot.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    """A process, as another one can find it again: by PID and start time, where it sees the same PIDs."""
+    host: str  # for people; the PID namespace decides
+    pid: int
+    started: float  # process_started
+    pid_namespace: str
+
+    @classmethod
+    def current(cls) -> ProcessId:
+        return cls(socket.gethostname(), os.getpid(), process_started(os.getpid()) or 0.0, _pid_namespace())
+
+    @classmethod
+    def parse(cls, value: object) -> ProcessId | None:
+        """From ``as_dict`` or its JSON text; None for anything else (not recorded, or by other code)."""
+        try:
+            fields = json.loads(value) if isinstance(value, str) else value
+            return cls(str(fields["host"]), int(fields["pid"]), float(fields["started"]), str(fields["pid_namespace"]))
+        except (TypeError, ValueError, KeyError):
+            return None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict())
+
+    def _visible_here(self) -> bool:
+        here = _pid_namespace()
+        return self.pid_namespace == here and (bool(here) or self.host == socket.gethostname())
+
+    def is_gone(self) -> bool:
+        """Known to have ended: it shared this process's PIDs, and its PID is free or another process's."""
+        return self._visible_here() and not same_process(self.pid, self.started)
+
+    def is_running(self) -> bool:
+        """Known to run still (on another machine or PID namespace, neither is known)."""
+        return self._visible_here() and same_process(self.pid, self.started)
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} on {self.host}"
+
+
+def close_runs_of_gone_processes(client: MlflowClient, experiment_ids: Iterable[str]) -> list[str]:
+    """End KILLED the RUNNING runs whose holder (``PROCESS_TAG``) is known gone, without waiting for a
+    grace period; return their ids. Runs of processes this one cannot see are left to ``stale_runs``."""
+    closed = []
+    for run in _running_runs(client, experiment_ids):
+        owner = ProcessId.parse(run.data.tags.get(PROCESS_TAG))
+        if owner is None or not owner.is_gone():
+            continue
+        if client.get_run(run.info.run_id).info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "error", f"the process holding this run open ({owner}) is gone (killed)")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags as resolve_context_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pipelines.tracking.redaction import hide_passwords
 from pipelines.tracking.store_lock import prepare_local_store
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -127,16 +128,18 @@ class RunLogger:
         return self.client.get_run(self.run_id).info.experiment_id
 
     # MlflowClient.log_batch splits what it is given into the store's batch limits itself.
+    # Params and tags go through hide_passwords: a URL's password never reaches the store.
     def log_params(self, params: Mapping[str, object]) -> None:
         """Empty values (an option left unset) are not logged: the UI would show a blank cell."""
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items() if str(v) != ""])
+        self.client.log_batch(self.run_id, params=[Param(k, hide_passwords(str(v)))
+                                                   for k, v in params.items() if str(v) != ""])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, hide_passwords(str(v))) for k, v in tags.items()])
 
     def log_figure(self, figure, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
@@ -231,9 +234,9 @@ def end_run_for(client: MlflowClient, run_id: str, error: BaseException | None) 
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     message = "".join(traceback.format_exception_only(type(error), error)).strip() or type(error).__name__
     try:
-        client.set_tag(run_id, "error", message[:5000])
+        client.set_tag(run_id, "error", hide_passwords(message)[:5000])
         if status == "FAILED":
-            client.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
+            client.log_text(run_id, hide_passwords("".join(traceback.format_exception(error))), "error.txt")
     finally:
         client.set_terminated(run_id, status)
 
@@ -268,5 +271,6 @@ def entry_point_run(experiment: str | None = None, run_name: str | None = None,
 
 
 def command_line() -> str:
-    """The command exactly as started (``-m module`` and empty arguments included), shell-quoted."""
-    return shlex.join(sys.orig_argv)
+    """The command as started (``-m module`` and empty arguments included), shell-quoted, with
+    any password in a URL shown as ``***``."""
+    return hide_passwords(shlex.join(sys.orig_argv))
