@@ -6,6 +6,8 @@ Prints one table of measurements and ratios, each with the target it is held to:
   examples do it (torchvision dataset + ToTensor, shuffled DataLoader, a host-to-device copy and
   a `loss.item()` per batch), same model, data, batch size and epochs, in training examples/s
   (benchmarks.loops);
+- own data: our loop on a synthetic 3x32x32 colour set against Fashion-MNIST, in examples/s and
+  pixels/s (benchmarks.loops);
 - flops: the FLOP/s our loop achieves (FLOPs counted by torch's FlopCounterMode on one step)
   against a large float32 matrix product timed in the same run;
 - recording: a `train` entry-point run (start-up, training, full recording) against the time its
@@ -46,7 +48,7 @@ from benchmarks.entry_points import (
     warm_up_store,
 )
 from benchmarks.fused_section import FULL_FUSED, QUICK_FUSED, measure_fused
-from benchmarks.loops import IDX_FILES, measure_loops, torchvision_root
+from benchmarks.loops import IDX_FILES, measure_loops, measure_own_data, torchvision_root
 from benchmarks.table import Table
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -63,12 +65,15 @@ class Sizes:
     study_images: int
     study_epochs: int
     study_trials: int
+    own_data_images: int
 
 
 FULL_SIZES = Sizes(loop_images=20_000, loop_epochs=2, recording_images=0, recording_epochs=5, study_space="default",
-                   study_images=10_000, study_epochs=2, study_trials=6)
+                   study_images=10_000, study_epochs=2, study_trials=6,
+                   own_data_images=50_000)
 QUICK_SIZES = Sizes(loop_images=1_000, loop_epochs=1, recording_images=500, recording_epochs=1,
-                    study_space="smoke", study_images=500, study_epochs=1, study_trials=2)
+                    study_space="smoke", study_images=500, study_epochs=1, study_trials=2,
+                    own_data_images=500)
 
 
 def measure_recording(table: Table, workdir: Path, sizes: Sizes) -> None:
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             root = torchvision_root(workdir / "torchvision", data_dir) if sections & {"loop", "cuda"} else None
             if "loop" in sections:
                 measure_loops(table, CPU_LOOP_SETUPS, sizes.loop_images, sizes.loop_epochs, root, "cpu")
+                measure_own_data(table, workdir, sizes.own_data_images, 1, "cpu")
             if sections & {"recording", "study", "fused"}:
                 measured_sizes = {"recording": sizes.recording_images, "study": sizes.study_images,
                                   "fused": (QUICK_FUSED if args.quick else FULL_FUSED).images}

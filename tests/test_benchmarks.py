@@ -18,6 +18,7 @@ EXPECTED_MEASURES = [
     ("loop", "conv 32-64 b128: ours / conventional"),
     ("loop", "conv 32-64 b512: ours / conventional"),
     ("flops", "achieved / matmul"),
+    ("own data", "3x32x32 / 1x28x28, pixels per second"),
     ("recording", "share outside epochs (start-up, recording)"),
     ("study", "1 worker: share of wall time inside epochs"),
     ("study", "2 workers / 1 worker, trials per hour"),
