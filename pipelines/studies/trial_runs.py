@@ -33,25 +33,28 @@ def trial_run(client: MlflowClient, parent_run_id: str, study_name: str,
 
     Complete: FINISHED. Pruned: KILLED (MLflow has no "pruned" status) with the metrics it
     reached. Interrupted: KILLED. Any error: FAILED with the error text. The ``trial_state`` tag
-    says what Optuna recorded: COMPLETE, PRUNED or FAIL.
+    says what Optuna recorded: COMPLETE, PRUNED or FAIL. A trial whose tracking server was lost
+    meanwhile ends so in the process's spool, and the study starts no further run.
     """
     run_id = start_run(client, run_name=f"trial-{trial.number}", parent_run_id=parent_run_id,
                        tags={"study": study_name, "trial_number": str(trial.number), STATE_TAG: "RUNNING"})
     trial.set_user_attr(RUN_ID_ATTR, run_id)
     trial.set_user_attr(PARENT_RUN_ID_ATTR, parent_run_id)
+    logger = RunLogger(run_id, client)
+    logger.experiment_id  # asked now, while the server answers: a spool records it
     try:
         with heartbeat(client, run_id):  # `stale_runs` can close it if this worker is killed
-            yield RunLogger(run_id, client)
+            yield logger
     except optuna.TrialPruned:
-        client.set_tag(run_id, STATE_TAG, TrialState.PRUNED.name)
-        client.set_terminated(run_id, "KILLED")
+        logger.set_tags({STATE_TAG: TrialState.PRUNED.name})
+        logger.set_terminated("KILLED")
         raise
     except BaseException as error:
-        client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
-        end_run_for(client, run_id, error)
+        logger.set_tags({STATE_TAG: TrialState.FAIL.name})
+        end_run_for(logger, error)
         raise
-    client.set_tag(run_id, STATE_TAG, TrialState.COMPLETE.name)
-    client.set_terminated(run_id, "FINISHED")
+    logger.set_tags({STATE_TAG: TrialState.COMPLETE.name})
+    logger.set_terminated("FINISHED")
 
 
 def close_abandoned_trial(study: optuna.Study, client: MlflowClient, trial: optuna.Trial) -> None:
