@@ -84,6 +84,7 @@ class Spool:
             return
         experiment_id = self._experiment(server_experiment_id)
         _create_run_with_id(self.client, experiment_id, run_id)
+        forget_artifact_store(run_id)
         self._update(runs=[*self.record["runs"], run_id])
 
     def _experiment(self, server_experiment_id: str) -> str:
@@ -105,11 +106,20 @@ def _create_run_with_id(client: MlflowClient, experiment_id: str, run_id: str) -
 
     store = client._tracking_client.store
     location = client.get_experiment(experiment_id).artifact_location
-    with store.ManagedSessionMaker() as session:
+    with store.ManagedSessionMaker(read_only=False) as session:
         session.add(SqlRun(name=run_id, artifact_uri=f"{location}/{run_id}/artifacts", run_uuid=run_id,
                            experiment_id=int(experiment_id), source_type="UNKNOWN", source_name="",
                            entry_point_name="", user_id="", status="RUNNING", start_time=int(time.time() * 1000),
                            end_time=None, deleted_time=None, source_version="", lifecycle_stage="active"))
+
+
+def forget_artifact_store(run_id: str) -> None:
+    """MLflow's clients share one cache of artifact stores keyed by run id alone (3.17,
+    ``_tracking_service.utils._artifact_repos_cache``): a run id in two stores (the server and its
+    spool) would send one's artifacts to the other's. Forgotten whenever the run changes store."""
+    from mlflow.tracking._tracking_service import utils
+
+    utils._artifact_repos_cache.pop(run_id, None)
 
 
 def spools(root: Path | None = None, server_uri: str | None = None) -> list[Spool]:
@@ -192,7 +202,9 @@ def push_run(spool: Spool, server: MlflowClient, run_id: str) -> int:
     artifacts = Path(local_file_uri_to_path(source.info.artifact_uri))
     if artifacts.is_dir() and any(artifacts.iterdir()):
         with _copy_rewritten(artifacts, ids) as copy:
+            forget_artifact_store(run_id)
             server.log_artifacts(run_id, str(copy))
+            forget_artifact_store(run_id)
     if source.info.status != "RUNNING":
         if source.info.status == "FINISHED" and "error" in target.data.tags and "error" not in source.data.tags:
             server.delete_tag(run_id, "error")  # e.g. `stale_runs --close` found it silent meanwhile

@@ -1,0 +1,92 @@
+"""A tracking server lost mid-run: the spool a run continues in, and pushing it back.
+
+The unit tests push between two local SQLite stores in-process (a spool is a local MLflow store;
+the "server" here is another one). The slow test stops a real `mlflow server` (conftest's
+``server_stack``) in the middle of a `train` command and pushes after restarting it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from conftest import REPO
+from pipelines.tracking.spool import RECORD, Spool, push_run, push_spool, spools
+
+
+@pytest.fixture
+def server_and_spool(tmp_path, monkeypatch):
+    """A "server" store with a RUNNING run that logged epochs 1-2, and a spool of the same run that
+    logged epochs 3-4, a model, a manifest naming the model, and the run's end FINISHED."""
+    monkeypatch.setenv("CVAE_TRACKING_SPOOL_DIR", str(tmp_path / "spools"))
+    server = MlflowClient(f"sqlite:///{tmp_path / 'server.db'}")
+    experiment = server.create_experiment("e", artifact_location=(tmp_path / "server-artifacts").as_uri())
+    run_id = server.create_run(experiment).info.run_id
+    server.log_batch(run_id, metrics=[Metric("val/loss", 10.0 - e, 1000 + e, e) for e in (1, 2)])
+    server.log_param(run_id, "model.latent_dim", "2")
+    spool = Spool.create(server.tracking_uri, "no answer from http://x/health (ConnectionError)")
+    spool.ensure_run(run_id, experiment)
+    client = spool.client
+    client.log_batch(run_id, metrics=[Metric("val/loss", 10.0 - e, 1000 + e, e) for e in (3, 4)])
+    client.log_param(run_id, "model.latent_dim", "2")
+    client.log_param(run_id, "objective.kl_weight", "1.0")
+    model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model",
+                                       source_run_id=run_id, params={"model.latent_dim": "2"})
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "MLmodel").write_text(f"model_id: {model.model_id}\nrun_id: {run_id}\n")
+    (model_dir / "weights.bin").write_bytes(b"\x00\x01" + model.model_id.encode())
+    client.log_model_artifacts(model.model_id, str(model_dir))
+    client.set_tag(run_id, "model_uri", f"models:/{model.model_id}")
+    client.log_dict(run_id, {"model_uri": f"models:/{model.model_id}", "run_id": run_id}, "manifest.json")
+    client.set_terminated(run_id, "FINISHED")
+    return server, spool, run_id, model.model_id
+
+
+def test_push_replays_the_spooled_run_into_the_server_once_and_removes_the_spool(server_and_spool):
+    server, spool, run_id, spooled_model = server_and_spool
+    assert spool.run_ids == [run_id] and spool.server == server.tracking_uri
+    assert spools(server_uri=server.tracking_uri)[0].dir == spool.dir
+    spooled = MlflowClient(spool.uri).get_run(run_id)  # MLflow reads a spool as it is
+    assert spooled.info.status == "FINISHED" and spooled.data.metrics["val/loss"] == 6.0
+    # Meanwhile `stale_runs --close` found the server's run silent and ended it.
+    server.set_tag(run_id, "error", "closed as KILLED by `stale_runs --close`: last heartbeat 300 s ago")
+    server.set_terminated(run_id, "KILLED")
+
+    assert push_run(spool, server, run_id) == 2
+    assert push_run(spool, server, run_id) == 0  # pushed twice (a push cut short, then repeated)
+    runs, added = push_spool(spool)
+    assert (runs, added) == ([run_id], 0) and not spool.dir.exists()
+
+    history = server.get_metric_history(run_id, "val/loss")
+    assert sorted((m.step, m.timestamp, m.value) for m in history) == [(e, 1000 + e, 10.0 - e) for e in (1, 2, 3, 4)]
+    run = server.get_run(run_id)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    assert run.data.params == {"model.latent_dim": "2", "objective.kl_weight": "1.0"}
+    model_uri = run.data.tags["model_uri"]
+    model_id = model_uri.removeprefix("models:/")
+    model = server.get_logged_model(model_id)
+    assert model_id != spooled_model and model.source_run_id == run_id and model.status.to_int() == 2  # READY
+    assert [o.model_id for o in run.outputs.model_outputs] == [model_id]
+    manifest = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/manifest.json")
+    assert manifest == {"model_uri": model_uri, "run_id": run_id}
+    local = mlflow.artifacts.download_artifacts(model.artifact_location)
+    assert open(os.path.join(local, "MLmodel")).read() == f"model_id: {model_id}\nrun_id: {run_id}\n"
+    with open(os.path.join(local, "weights.bin"), "rb") as weights:  # a binary file goes as it is
+        assert weights.read() == b"\x00\x01" + spooled_model.encode()
+
+
+def test_the_push_command_names_a_missing_spool_in_one_line(tmp_path, capsys):
+    from pipelines.entrypoints.common import exit_code
+    from pipelines.entrypoints.push_spool import main
+
+    assert exit_code(main, [str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: DIR={str(tmp_path / 'nowhere')!r} is not valid; no such spool directory"
