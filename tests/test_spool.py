@@ -6,12 +6,10 @@ the "server" here is another one). The slow test stops a real `mlflow server` (c
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
@@ -19,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from conftest import REPO
-from pipelines.tracking.spool import RECORD, Spool, push_run, push_spool, spools
+from pipelines.tracking.spool import Spool, push_run, push_spool, spools
 
 
 @pytest.fixture
@@ -90,3 +88,82 @@ def test_the_push_command_names_a_missing_spool_in_one_line(tmp_path, capsys):
 
     assert exit_code(main, [str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.strip() == f"error: DIR={str(tmp_path / 'nowhere')!r} is not valid; no such spool directory"
+
+
+TRAIN_ARGS = ["--device", "cpu", "--threads", "1", "--dataset", "fashion-mnist", "--limit-train", "400",
+              "--val-size", "200", "--limit-test", "200", "--epochs", "4", "--patience", "0"]
+EPOCHS = 4
+WAIT_S = 3
+
+
+@pytest.mark.slow
+def test_a_train_run_whose_tracking_server_is_lost_ends_in_a_spool_that_push_replays(
+        server_stack, data_dir, tmp_path, caplog):
+    from pipelines.entrypoints.common import EXIT_TRACKING_LOST, exit_code
+    from pipelines.entrypoints.push_spool import main as push
+    from pipelines.local_stack import start_tracking_server, stop_tracking_server
+    from pipelines.tracking import runs
+
+    uri = server_stack.tracking_uri
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "spooled",
+           "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1", "CVAE_TRACKING_WAIT_S": str(WAIT_S),
+           "CVAE_TRACKING_SPOOL_DIR": str(tmp_path / "spools")}
+    env.pop("MLFLOW_RUN_ID", None)
+    trainer = subprocess.Popen([sys.executable, "-m", "pipelines.entrypoints.train", *TRAIN_ARGS], env=env,
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in trainer.stdout:
+            lines.append(line)
+            if line.startswith("epoch 2:"):  # epochs 1 and 2 are on the server
+                trainer.send_signal(signal.SIGSTOP)  # the server goes while the run is mid-way, wherever it is
+                stop_tracking_server(server_stack)
+                trainer.send_signal(signal.SIGCONT)
+                break
+        output = "".join(lines) + trainer.communicate(timeout=600)[0]
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+        start_tracking_server(server_stack)
+
+    assert trainer.returncode == EXIT_TRACKING_LOST, output[-3000:]
+    assert "Traceback" not in output and "Retrying" not in output, output[-3000:]
+    waiting = [line for line in output.splitlines() if "waiting up to" in line]
+    assert waiting == [f"warning: waiting up to {WAIT_S} s for the tracking server at {uri} (no answer from "
+                       f"{uri}/health (ConnectionError); CVAE_TRACKING_WAIT_S sets the wait)"], output[-3000:]
+    last = output.strip().splitlines()[-1]
+    (spool,) = spools(tmp_path / "spools")
+    assert last.startswith(f"error: the tracking server at {uri} stopped answering (")
+    assert last.endswith(f"push it with `python -m pipelines.entrypoints.push_spool {spool.dir}` once the server "
+                         "answers"), last
+    assert [line for line in output.splitlines() if line.startswith(("warning:", "error:"))] == [waiting[0], last]
+    (run_id,) = spool.run_ids
+    spooled = spool.client.get_run(run_id)
+    assert spooled.info.status == "FINISHED"
+    assert {m.step for m in spool.client.get_metric_history(run_id, "val/loss")} == {3, 4}
+    assert spooled.data.tags["model_uri"].startswith("models:/") and "test/loss" in spooled.data.metrics
+
+    # The next command pointed at the server, now back, says a spool waits.
+    runs._reachable.discard(uri)
+    with caplog.at_level("WARNING", logger="pipelines"):
+        runs.require_tracking_server(uri)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 spool(s) of runs logged while the tracking server at {uri} did not answer wait in "
+        f"{tmp_path / 'spools'}: push them with `python -m pipelines.entrypoints.push_spool`"]
+
+    assert exit_code(push, [str(spool.dir)]) == 0
+    assert not spool.dir.exists()
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/loss")) == list(range(1, EPOCHS + 1))
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pytorch.load_model(run.data.tags["model_uri"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert str(model.latent_dim) == run.data.params["model.latent_dim"] and client.get_logged_model(
+        run.data.tags["model_uri"].removeprefix("models:/")).source_run_id == run_id

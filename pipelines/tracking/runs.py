@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags as resolve_context_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pipelines.errors import TrackingLostError
 from pipelines.tracking.server_loss import (
     active_spool,
     bound_http_retries,
@@ -295,7 +296,7 @@ def entry_point_run(experiment: str | None = None, run_name: str | None = None,
             yield logger
     except BaseException as error:
         end_run_for(logger, error)
-        if logger.spooled:
+        if logger.spooled and not isinstance(error, TrackingLostError):  # the error's line names it
             log.warning(str(lost_error(active_spool())))
         raise
     end_run_for(logger, None)
