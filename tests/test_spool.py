@@ -98,7 +98,7 @@ WAIT_S = 3
 
 @pytest.mark.slow
 def test_a_train_run_whose_tracking_server_is_lost_ends_in_a_spool_that_push_replays(
-        server_stack, data_dir, tmp_path, caplog):
+        server_stack, data_dir, tmp_path, caplog, monkeypatch):
     from pipelines.entrypoints.common import EXIT_TRACKING_LOST, exit_code
     from pipelines.entrypoints.push_spool import main as push
     from pipelines.local_stack import start_tracking_server, stop_tracking_server
@@ -138,7 +138,10 @@ def test_a_train_run_whose_tracking_server_is_lost_ends_in_a_spool_that_push_rep
     assert last.startswith(f"error: the tracking server at {uri} stopped answering (")
     assert last.endswith(f"push it with `python -m pipelines.entrypoints.push_spool {spool.dir}` once the server "
                          "answers"), last
-    assert [line for line in output.splitlines() if line.startswith(("warning:", "error:"))] == [waiting[0], last]
+    # Nothing else about tracking: no retries, no complaints of MLflow's system-metrics monitor.
+    said = [line for line in output.splitlines() if line.startswith(("warning:", "error:"))
+            and "posterior collapse" not in line]  # a tiny run's own warning
+    assert said == [waiting[0], last], output[-3000:]
     (run_id,) = spool.run_ids
     spooled = spool.client.get_run(run_id)
     assert spooled.info.status == "FINISHED"
@@ -147,6 +150,7 @@ def test_a_train_run_whose_tracking_server_is_lost_ends_in_a_spool_that_push_rep
 
     # The next command pointed at the server, now back, says a spool waits.
     runs._reachable.discard(uri)
+    monkeypatch.setenv("CVAE_TRACKING_SPOOL_DIR", str(tmp_path / "spools"))
     with caplog.at_level("WARNING", logger="pipelines"):
         runs.require_tracking_server(uri)
     assert [r.getMessage() for r in caplog.records] == [

@@ -57,12 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no spools to push")
         return 0
     for spool in found:
-        problem = health_problem(spool.server)
+        server = spool.server
+        problem = health_problem(server)
         if problem is not None:
             raise UserError(f"the tracking server of {spool.dir} is not answering ({problem}): "
                             "push once it is back")
         runs, added = push_spool(spool)
-        print(f"pushed {spool.dir} into {spool.server}: run(s) {', '.join(runs)}, {added} metric value(s) added; "
+        print(f"pushed {spool.dir} into {server}: run(s) {', '.join(runs)}, {added} metric value(s) added; "
               "spool removed")
     return 0
 

@@ -126,13 +126,13 @@ class RunLogger:
         while active_spool() is None:
             try:
                 return log(self._server)
-            except Exception as error:
+            except Exception:
                 uri = self._server.tracking_uri
                 problem = health_problem(uri) if is_server_uri(uri) else None
                 if problem is None:  # the server answers: the call failed for a reason of its own
                     raise
                 if active_spool() is None and not server_back_after_wait(uri, problem):
-                    start_spooling(uri, f"{problem}; the call that failed: {str(error).splitlines()[0][:300]}")
+                    start_spooling(uri, problem)
         return log(self.client)
 
     @property
