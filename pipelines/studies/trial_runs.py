@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipelines.tracking.liveness import heartbeat
 from pipelines.tracking.runs import RunLogger, end_run_for, start_run
+from pipelines.tracking.server_loss import active_spool
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,13 @@ def trial_run(client: MlflowClient, parent_run_id: str, study_name: str,
         raise
     logger.set_tags({STATE_TAG: TrialState.COMPLETE.name})
     logger.set_terminated("FINISHED")
+
+
+def stop_when_tracking_lost(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna callback: no further trial once the tracking server was lost (this trial went on
+    into the spool); the study is then not concluded (see ``tune.run_and_conclude``)."""
+    if active_spool() is not None:
+        study.stop()
 
 
 def close_abandoned_trial(study: optuna.Study, client: MlflowClient, trial: optuna.Trial) -> None:
