@@ -171,3 +171,43 @@ def test_a_train_run_whose_tracking_server_is_lost_ends_in_a_spool_that_push_rep
         mlflow.set_tracking_uri(previous)
     assert str(model.latent_dim) == run.data.params["model.latent_dim"] and client.get_logged_model(
         run.data.tags["model_uri"].removeprefix("models:/")).source_run_id == run_id
+
+
+@pytest.mark.slow
+def test_a_tracking_server_back_within_the_wait_loses_nothing_and_spools_nothing(server_stack, tmp_path,
+                                                                                   monkeypatch, caplog):
+    import logging
+    import threading
+
+    from conftest import wait_until
+    from pipelines.local_stack import start_tracking_server, stop_tracking_server
+    from pipelines.tracking import server_loss
+    from pipelines.tracking.runs import RunLogger
+
+    monkeypatch.setenv("CVAE_TRACKING_WAIT_S", "600")  # a bound never reached: the server is back first
+    monkeypatch.setenv("CVAE_TRACKING_SPOOL_DIR", str(tmp_path / "spools"))
+    for name, value in server_loss.HTTP_RETRY_DEFAULTS.items():
+        monkeypatch.setenv(name, value)
+    client = MlflowClient(server_stack.tracking_uri)
+    experiment = client.create_experiment("short-outage")
+    logger = RunLogger(client.create_run(experiment).info.run_id, client, experiment)
+    logger.log_metrics({"val/loss": 3.0}, step=1)
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    server_loss.log.addHandler(handler)
+    caplog.set_level(logging.INFO, logger=server_loss.log.name)
+    stop_tracking_server(server_stack)
+    try:
+        logging_epoch_2 = threading.Thread(target=logger.log_metrics, args=({"val/loss": 2.0}, 2))
+        logging_epoch_2.start()
+        wait_until(lambda: any(m.startswith("waiting up to 600 s") for m in said), "the waiting line")
+    finally:
+        start_tracking_server(server_stack)
+    logging_epoch_2.join()
+    server_loss.log.removeHandler(handler)
+
+    assert server_loss.active_spool() is None and not (tmp_path / "spools").exists()
+    assert len(said) == 2 and said[1].startswith(f"the tracking server at {server_stack.tracking_uri} answers again")
+    assert [m.step for m in client.get_metric_history(logger.run_id, "val/loss")] == [1, 2]
