@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -100,8 +101,6 @@ class Spool:
 def _create_run_with_id(client: MlflowClient, experiment_id: str, run_id: str) -> None:
     """A RUNNING run with a chosen id. MLflow's ``create_run`` draws its own id; this is the row it
     writes (``SqlAlchemyStore.create_run``), for a local store only this module writes to."""
-    import time
-
     from mlflow.store.tracking.dbmodels.models import SqlRun
 
     store = client._tracking_client.store
