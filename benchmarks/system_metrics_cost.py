@@ -49,14 +49,14 @@ def timed_run(client, experiment: str, config, splits, interval_s: float | None)
         train(config, logger, splits=splits)
         cpu = monitor_cpu_seconds()
     wall = time.perf_counter() - started
-    end_run_for(client, run_id, None)
+    end_run_for(logger, None)
     samples = len(client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
     return wall, cpu, samples
 
 
 def start_stop_seconds(client, experiment: str, repeats: int) -> float:
     """Median seconds to start a monitor and stop it at once, its last sample included."""
-    from pipelines.tracking.runs import end_run_for, start_run
+    from pipelines.tracking.runs import RunLogger, end_run_for, start_run
     from pipelines.tracking.system_metrics import system_metrics
 
     times = []
@@ -66,7 +66,7 @@ def start_stop_seconds(client, experiment: str, repeats: int) -> float:
         with system_metrics(client, run_id, interval_s=60.0):
             pass
         times.append(time.perf_counter() - started)
-        end_run_for(client, run_id, None)
+        end_run_for(RunLogger(run_id, client), None)
     return statistics.median(times)
 
 

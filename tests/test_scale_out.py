@@ -204,35 +204,43 @@ def test_a_sigkilled_workers_trial_fails_and_is_retried_once_by_another_worker(s
 
 
 @pytest.mark.slow
-def test_a_tracking_server_lost_mid_trial_fails_the_trial_and_keeps_what_was_logged(server_stack, data_dir, tmp_path):
+def test_a_tracking_server_lost_mid_trial_spools_the_trial_and_starts_no_other(server_stack, data_dir, tmp_path):
+    from pipelines.entrypoints.common import EXIT_TRACKING_LOST
     from pipelines.local_stack import start_tracking_server, stop_tracking_server
+    from pipelines.tracking.spool import spools
 
-    # One retry, so the test does not wait out the default bound (about a minute per call): it also
-    # shows that values the user set are kept.
-    env = {**worker_env(server_stack, data_dir, "scale-out-lost"), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    # A wait of a few seconds (CVAE_TRACKING_WAIT_S), then the trial goes on into a spool.
+    env = {**worker_env(server_stack, data_dir, "scale-out-lost"), "CVAE_TRACKING_WAIT_S": "2",
+           "CVAE_TRACKING_SPOOL_DIR": str(tmp_path / "spools")}
     worker = start_worker(env, tmp_path, "--study", "lost", "--storage", server_stack.optuna_storage,
-                          "--n-trials", "2", "--epochs", "500", "--patience", "0")
+                          "--n-trials", "2", "--epochs", "4", "--patience", "0")
+    lines = []
     try:
         for line in worker.stdout:
+            lines.append(line)
             if line.startswith("epoch 2:"):
+                worker.send_signal(signal.SIGSTOP)  # the server goes mid-trial, wherever the trial is
                 stop_tracking_server(server_stack)
+                worker.send_signal(signal.SIGCONT)
                 break
-        output = worker.communicate(timeout=300)[0]
+        output = "".join(lines) + worker.communicate(timeout=300)[0]
     finally:
         if worker.poll() is None:
             worker.kill()
             worker.wait()
         start_tracking_server(server_stack)
-    assert worker.returncode not in (0, None), output[-3000:]
-    assert "MlflowException" in output
-    # The worker stops: no further trial is started (and failed) while the server is gone.
+    assert worker.returncode == EXIT_TRACKING_LOST, output[-3000:]
+    assert "Traceback" not in output and output.strip().splitlines()[-1].startswith("error: the tracking server at ")
+    # The trial went on to its end; no further trial was started while the server was gone.
     (trial,) = optuna.load_study(study_name="lost", storage=server_stack.optuna_storage).trials
-    assert trial.state == TrialState.FAIL
+    assert trial.state == TrialState.COMPLETE and sorted(trial.intermediate_values) == [1, 2, 3, 4]
+    (spool,) = spools(tmp_path / "spools")
+    trial_run = spool.client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert trial_run.info.status == "FINISHED" and trial_run.data.tags["trial_state"] == "COMPLETE"
     client = MlflowClient(server_stack.tracking_uri)
-    (run,) = children_by_trial(experiment_runs(client, "scale-out-lost"))[trial.number]
-    logged = {m.step for m in client.get_metric_history(run.info.run_id, OBJECTIVE_METRIC)}
-    assert {1, 2} <= logged <= set(trial.intermediate_values), (logged, trial.intermediate_values)
+    logged = {m.step for m in client.get_metric_history(trial_run.info.run_id, OBJECTIVE_METRIC)}
+    spooled = {m.step for m in spool.client.get_metric_history(trial_run.info.run_id, OBJECTIVE_METRIC)}
+    assert {1, 2} <= logged and logged | spooled == set(trial.intermediate_values), (logged, spooled)
 
 
 def test_an_unreachable_tracking_server_stops_the_worker_before_any_trial(data_dir, tmp_path):

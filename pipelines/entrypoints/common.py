@@ -10,11 +10,12 @@ from typing import Callable, Sequence
 
 from pipelines.entrypoints import under_mlflow_run
 from pipelines.entrypoints.logs import configure_logging
-from pipelines.errors import RunFailedError, UserError
+from pipelines.errors import RunFailedError, TrackingLostError, UserError
 from pipelines.tracking.redaction import hide_passwords
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_TRACKING_LOST = 3  # the run went on into a local spool: push it (docs/scaling.md)
 EXIT_SIGNAL_BASE = 128  # the shell's convention: a process ended by signal N exits 128 + N
 
 
@@ -53,7 +54,8 @@ def _first_line(error: BaseException) -> str:
 def exit_code(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main`` and turn known failures into one clear line on stderr and the exit code:
     2 bad input (``UserError``), 1 a run that failed and says why (``RunFailedError``, e.g.
-    divergence), 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM)."""
+    divergence), 3 the tracking server stopped answering and the run's rest is in a local spool
+    (``TrackingLostError``), 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM)."""
     try:
         return main(argv) or 0
     except UserError as error:
@@ -67,6 +69,10 @@ def exit_code(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] |
         print(f"error: {message}", file=sys.stderr)
         under_mlflow_run.fail_pending_run(message, "FAILED")
         return EXIT_FAILURE
+    except TrackingLostError as error:
+        # The run is complete in its spool; its server run is ended by the push.
+        print(f"error: {_first_line(error)}", file=sys.stderr)
+        return EXIT_TRACKING_LOST
     except KeyboardInterrupt as error:
         signum = error.signum if isinstance(error, Stopped) else signal.SIGINT
         print("interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}",

@@ -175,9 +175,9 @@ def _train_and_log(client: MlflowClient, data: DataConfig, key: str, train_size:
         net.to(device)
         logger.set_tags({"test_accuracy": f"{test_accuracy:.4f}", "model_uri": info.model_uri})
     except BaseException as error:
-        end_run_for(client, run_id, error)
+        end_run_for(logger, error)
         raise
-    end_run_for(client, run_id, None)
+    end_run_for(logger, None)
     log.info(f"trained the {data.dataset} classifier in {seconds:.0f} s on {len(splits.train)} images: "
              f"test accuracy {test_accuracy:.4f} (run {run_id})")
     return Classifier(net, test_accuracy, info.model_uri, run_id, cached=False)

@@ -227,7 +227,9 @@ def log_training_evaluation(logger: RunLogger, model: CVAE, splits: DatasetSplit
     kind = run_likelihood_kind(config)
     metrics, details = likelihood_metrics(model, splits.test, batcher, TRAINING_IWAE_K, config.execution.seed,
                                           images_per_pass, kind)
-    if sample_accuracy and model.conditional:
+    # The judge classifier is cached in the tracking store: not reachable from a spool (tracking
+    # server lost), so a spooled run goes without `test/sample_accuracy` (`evaluate` gives it later).
+    if sample_accuracy and model.conditional and not logger.spooled:
         metrics.update(training_sample_accuracy(model, splits, config.data, logger, config.execution.seed))
     logger.log_metrics(metrics, step=step)
     logger.log_dict(details, UNITS_ARTIFACT)

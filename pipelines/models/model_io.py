@@ -48,18 +48,20 @@ def log_model(logger: RunLogger, model: CVAE, config: RunConfig, class_names: Se
     """
     device = next(model.parameters()).device
     cpu_model = model.to("cpu").eval()
-    try:
+    def log(client) -> ModelInfo:  # into the run's store now (its server's, or the spool's: see RunLogger)
         with _quiet_expected_mlflow_warnings():
-            info = mlflow.pytorch.log_model(
+            return mlflow.pytorch.log_model(
                 cpu_model, name=MODEL_NAME, run_id=logger.run_id,
-                model_id=new_logged_model(logger.client, logger.run_id, MODEL_NAME, flatten(config)),
+                model_id=new_logged_model(client, logger.run_id, MODEL_NAME, flatten(config)),
                 signature=signature_for(cpu_model), input_example=input_example_for(cpu_model),
                 metadata={CLASS_NAMES_KEY: [str(name) for name in class_names]},
                 code_paths=[str(REPO_ROOT / "cvae")], params=flatten(config),
                 serialization_format="pickle",
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
-        return info
+
+    try:
+        return logger.call(log)
     finally:
         model.to(device)
 
@@ -79,16 +81,16 @@ def log_generator(logger: RunLogger, model: CVAE, config: RunConfig, class_names
         with open(spec, "w") as spec_file:
             json.dump(generator_model.generator_spec(model, class_names), spec_file)
         # Model.log, not mlflow.pyfunc.log_model: only it takes an explicit run_id.
-        info = Model.log(
+        info = logger.call(lambda client: Model.log(
             artifact_path=None, name=GENERATOR_NAME, flavor=mlflow.pyfunc, run_id=logger.run_id,
-            model_id=new_logged_model(logger.client, logger.run_id, GENERATOR_NAME, flatten(config)),
+            model_id=new_logged_model(client, logger.run_id, GENERATOR_NAME, flatten(config)),
             python_model=generator_model.__file__,
             artifacts={generator_model.WEIGHTS_ARTIFACT: weights, generator_model.SPEC_ARTIFACT: spec},
             code_paths=[str(REPO_ROOT / "cvae")],
             signature=generator_model.generator_signature(model),
             input_example=generator_model.generator_input_example(model), params=flatten(config),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+        ))
     logger.set_tags({"generator_model_uri": info.model_uri})
     return info
 

@@ -141,7 +141,8 @@ def run_description(config: RunConfig, metrics: Mapping[str, float], artifacts: 
 
 
 def _figure_paths(logger: RunLogger) -> list[str]:
-    listed = [a.path for a in logger.client.list_artifacts(logger.run_id, "figures") if not a.is_dir]
+    listed = [a.path for a in logger.call(lambda client: client.list_artifacts(logger.run_id, "figures"))
+              if not a.is_dir]
     return [p for p in KEY_FIGURES if p in listed] + sorted(p for p in listed if p not in KEY_FIGURES)
 
 

@@ -12,13 +12,13 @@ import contextlib
 import logging
 from typing import Iterator
 
-from pipelines.errors import UserError
+from pipelines.errors import TrackingLostError, UserError
 
 OPTIMIZE_LOGGER = "optuna.study._optimize"
 
 
 class _StopsWithoutTraceback(logging.Filter):
-    STOPS = (UserError, KeyboardInterrupt)
+    STOPS = (UserError, KeyboardInterrupt, TrackingLostError)
 
     def __init__(self):
         super().__init__()

@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipelines.studies.storage import WORKER_ATTR, worker_of
 from pipelines.tracking.liveness import PROCESS_TAG, ProcessId, heartbeat
 from pipelines.tracking.runs import RunLogger, end_run_for, start_run
+from pipelines.tracking.server_loss import active_spool
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +36,36 @@ def trial_run(client: MlflowClient, parent_run_id: str, study_name: str,
 
     Complete: FINISHED. Pruned: KILLED (MLflow has no "pruned" status) with the metrics it
     reached. Interrupted: KILLED. Any error: FAILED with the error text. The ``trial_state`` tag
-    says what Optuna recorded: COMPLETE, PRUNED or FAIL.
+    says what Optuna recorded: COMPLETE, PRUNED or FAIL. A trial whose tracking server was lost
+    meanwhile ends so in the process's spool, and the study starts no further run.
     """
     trial.set_user_attr(WORKER_ATTR, ProcessId.current().as_dict())  # first: a worker killed from here on can be seen gone
     run_id = start_run(client, run_name=f"trial-{trial.number}", parent_run_id=parent_run_id,
                        tags={"study": study_name, "trial_number": str(trial.number), STATE_TAG: "RUNNING"})
     trial.set_user_attr(RUN_ID_ATTR, run_id)
     trial.set_user_attr(PARENT_RUN_ID_ATTR, parent_run_id)
+    logger = RunLogger(run_id, client)
+    logger.experiment_id  # asked now, while the server answers: a spool records it
     try:
         with heartbeat(client, run_id):  # `stale_runs` can close it if this worker is killed
-            yield RunLogger(run_id, client)
+            yield logger
     except optuna.TrialPruned:
-        client.set_tag(run_id, STATE_TAG, TrialState.PRUNED.name)
-        client.set_terminated(run_id, "KILLED")
+        logger.set_tags({STATE_TAG: TrialState.PRUNED.name})
+        logger.set_terminated("KILLED")
         raise
     except BaseException as error:
-        client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
-        end_run_for(client, run_id, error)
+        logger.set_tags({STATE_TAG: TrialState.FAIL.name})
+        end_run_for(logger, error)
         raise
-    client.set_tag(run_id, STATE_TAG, TrialState.COMPLETE.name)
-    client.set_terminated(run_id, "FINISHED")
+    logger.set_tags({STATE_TAG: TrialState.COMPLETE.name})
+    logger.set_terminated("FINISHED")
+
+
+def stop_when_tracking_lost(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna callback: no further trial once the tracking server was lost (this trial went on
+    into the spool); the study is then not concluded (see ``tune.run_and_conclude``)."""
+    if active_spool() is not None:
+        study.stop()
 
 
 def close_abandoned_trial(study: optuna.Study, client: MlflowClient, trial: optuna.Trial) -> None:

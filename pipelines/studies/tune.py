@@ -29,9 +29,10 @@ from pipelines.studies.sampling import build_sampler
 from pipelines.studies.settings import StudySettings, study_params, trials_to_run
 from pipelines.studies.storage import load_or_create_study, local_stores_lock
 from pipelines.studies.study_summary import summarise_study
-from pipelines.studies.trial_runs import close_abandoned_trial, close_stale_trial
+from pipelines.studies.trial_runs import close_abandoned_trial, close_stale_trial, stop_when_tracking_lost
 from pipelines.tracking.liveness import close_runs_of_gone_processes
 from pipelines.tracking.runs import RunLogger, require_tracking_server, resolve_experiment_id
+from pipelines.tracking.server_loss import active_spool, lost_error
 from pipelines.training.devices import resolve_device
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,9 @@ def run_trials(study: optuna.Study, settings: StudySettings, space: SearchSpace,
     device = resolve_device(base.execution)
     splits = splits or load_splits(base.data, device)
     objective = TrialObjective(settings, space, base, parent, splits)
-    callbacks = [] if stop_at_trials is None else [optuna.study.MaxTrialsCallback(stop_at_trials, states=None)]
+    callbacks = [stop_when_tracking_lost]
+    if stop_at_trials is not None:
+        callbacks.append(optuna.study.MaxTrialsCallback(stop_at_trials, states=None))
     try:
         with one_line_stops():
             fuse = choose_fuse(settings.fuse, base, device, splits.image_shape, splits.num_classes, n_trials)
@@ -128,6 +131,8 @@ def run_and_conclude(study: optuna.Study, settings: StudySettings, base: RunConf
         log.warning("interrupted: the running trials are marked failed; summarising the study so far")
         conclude_study(study, settings, base, parent, None)
         raise
+    if parent.spooled:  # the tracking server was lost: the study is concluded by a later invocation
+        raise lost_error(active_spool())
     conclude_study(study, settings, base, parent, splits)
 
 

@@ -86,10 +86,13 @@ def log_dataset(logger: RunLogger, config: RunConfig, splits: DatasetSplits) -> 
     inputs = dataset_inputs(config, splits)
     from mlflow.exceptions import MlflowException
 
-    try:
-        logger.client.log_inputs(logger.run_id, datasets=inputs)
-    except MlflowException:  # the store's IntegrityError, wrapped
-        # MLflow's SQL store checks for a dataset, then inserts it: two workers logging the same
-        # dataset at once can both miss it and one insert fails on the unique key. Once more,
-        # the dataset is there and is only linked to this run.
-        logger.client.log_inputs(logger.run_id, datasets=inputs)
+    def log_inputs(client) -> None:
+        try:
+            client.log_inputs(logger.run_id, datasets=inputs)
+        except MlflowException:  # the store's IntegrityError, wrapped
+            # MLflow's SQL store checks for a dataset, then inserts it: two workers logging the same
+            # dataset at once can both miss it and one insert fails on the unique key. Once more,
+            # the dataset is there and is only linked to this run.
+            client.log_inputs(logger.run_id, datasets=inputs)
+
+    logger.call(log_inputs)

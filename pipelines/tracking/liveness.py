@@ -28,6 +28,8 @@ import psutil
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
+from pipelines.tracking.server_loss import active_spool
+
 HEARTBEAT_TAG = "heartbeat"
 INTERVAL_ENV = "CVAE_HEARTBEAT_INTERVAL_S"
 DEFAULT_INTERVAL_S = 30.0
@@ -52,12 +54,15 @@ def heartbeat(client: MlflowClient, run_id: str, interval_s: float | None = None
 
     The first beat is written before the block starts. A beat that fails (a store briefly
     unreachable or locked) is skipped, not raised: the grace period absorbs a few missed beats,
-    and the training must not fail for its liveness signal.
+    and the training must not fail for its liveness signal. Once the process spools (its tracking
+    server lost), no more beats are sent: the push ends the run, `stale_runs` may mark it meanwhile.
     """
     interval = interval_s or heartbeat_interval()
     stop = threading.Event()
 
     def beat_once() -> None:
+        if active_spool() is not None:
+            return
         try:
             client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
         except Exception:

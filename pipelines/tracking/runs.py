@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import shlex
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import mlflow
 from mlflow import MlflowClient
@@ -23,13 +24,25 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags as resolve_context_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pipelines.errors import TrackingLostError
 from pipelines.tracking.redaction import hide_passwords
+from pipelines.tracking.server_loss import (
+    active_spool,
+    bound_http_retries,
+    health_problem,
+    is_server_uri,
+    lost_error,
+    mention_unpushed_spools,
+    server_back_after_wait,
+    start_spooling,
+)
 from pipelines.tracking.store_lock import prepare_local_store
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the UI (3.x) to pick the experiment's view
 MACHINE_LEARNING_KIND = "custom_model_development"  # the UI's "Machine learning": the runs table
+log = logging.getLogger(__name__)
 
 
 def configure_tracking() -> str:
@@ -44,57 +57,26 @@ def configure_tracking() -> str:
     return uri
 
 
-# A tracking server that goes away mid-study (restart, network) is retried by MLflow's client
-# with exponential backoff: waits of 0, 4, 8, 16, 32 s (about a minute per call, enough for a
-# server restart), each attempt giving up after 30 s without an answer; then the call raises.
-# MLflow's own defaults (7 retries, 120 s timeouts) keep a worker hanging for up to 20 minutes
-# per call, and a failing trial makes several calls while it closes its runs.
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 HEALTH_RETRIES = 2  # a tracking server just (re)starting gets a few seconds before we give up
 _reachable: set[str] = set()
-
-
-def _is_server_uri(uri: str) -> bool:
-    return uri.split("://", 1)[0].lower() in ("http", "https")
-
-
-def bound_http_retries(uri: str) -> None:
-    """For a tracking server, MLflow's HTTP retries get the bounds above, where the user set none."""
-    if _is_server_uri(uri):
-        for name, value in HTTP_RETRY_DEFAULTS.items():
-            os.environ.setdefault(name, value)
 
 
 def require_tracking_server(uri: str) -> None:
     """Stop with a one-line ``ConfigError`` when no MLflow server answers at an http(s) tracking URI.
 
     Asked once per process and URI, before anything is created or trained: without it, the first
-    logging call would retry for minutes and end in a traceback. Local stores need no check.
+    logging call would retry for minutes and end in a traceback. Local stores need no check. A
+    server that answers is told about spools of its runs still waiting to be pushed, in one line.
     """
-    if not _is_server_uri(uri) or uri in _reachable:
+    if not is_server_uri(uri) or uri in _reachable:
         return
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util import Retry
-
     from cvae.config import ConfigError
 
-    health = uri.rstrip("/") + "/health"
-    # The TLS settings MLflow's own client honours (/health needs no credentials).
-    verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or \
-        os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() not in ("true", "1")
-    with requests.Session() as session:
-        retry = Retry(total=HEALTH_RETRIES, backoff_factor=1, status_forcelist=(502, 503, 504), raise_on_status=False)
-        session.mount(health, HTTPAdapter(max_retries=retry))
-        try:
-            response = session.get(health, timeout=10, verify=verify)
-            if response.ok:
-                _reachable.add(uri)
-                return
-            problem = f"{health} answered HTTP {response.status_code}"
-        except requests.RequestException as error:
-            problem = f"no answer from {health} ({type(error).__name__})"
+    problem = health_problem(uri, retries=HEALTH_RETRIES)
+    if problem is None:
+        _reachable.add(uri)
+        mention_unpushed_spools(uri)
+        return
     raise ConfigError(f"MLFLOW_TRACKING_URI={uri} is not valid; {problem}: start the tracking server "
                       "(`mlflow server ...`, see docs/scaling.md) or point MLFLOW_TRACKING_URI at a running one")
 
@@ -116,46 +98,89 @@ def git_commit() -> tuple[str, bool]:
         return "unknown", False
 
 
-class RunLogger:
-    """Logs into one run by id. Safe to use from any thread."""
+T = TypeVar("T")
 
-    def __init__(self, run_id: str, client: MlflowClient | None = None):
+
+class RunLogger:
+    """Logs into one run by id. Safe to use from any thread.
+
+    Every call goes through ``call``: when the tracking server stops answering, it waits for it
+    (``server_loss``), then logs into the process's spool instead; ``client`` is then the spool's.
+    """
+
+    def __init__(self, run_id: str, client: MlflowClient | None = None, experiment_id: str | None = None):
         self.run_id = run_id
-        self.client = client or MlflowClient()
+        self._server = client or MlflowClient()
+        self._experiment_id = experiment_id
+
+    @property
+    def client(self) -> MlflowClient:
+        """The store this run logs into now: its tracking server's, or the spool's once that was lost."""
+        spool = active_spool()
+        if spool is None:
+            return self._server
+        spool.ensure_run(self.run_id, self._experiment_id or "unknown")
+        return spool.client
+
+    def call(self, log: Callable[[MlflowClient], T]) -> T:
+        """``log(client)``, into the spool when the tracking server does not answer within the wait."""
+        while active_spool() is None:
+            try:
+                return log(self._server)
+            except Exception:
+                uri = self._server.tracking_uri
+                problem = health_problem(uri) if is_server_uri(uri) else None
+                if problem is None:  # the server answers: the call failed for a reason of its own
+                    raise
+                if active_spool() is None and not server_back_after_wait(uri, problem):
+                    start_spooling(uri, problem)
+        return log(self.client)
+
+    @property
+    def spooled(self) -> bool:
+        return active_spool() is not None
 
     @property
     def experiment_id(self) -> str:
-        return self.client.get_run(self.run_id).info.experiment_id
+        """The run's experiment on the tracking server (asked once, while the server answers)."""
+        if self._experiment_id is None:
+            self._experiment_id = self.call(lambda client: client.get_run(self.run_id).info.experiment_id)
+        return self._experiment_id
 
     # MlflowClient.log_batch splits what it is given into the store's batch limits itself.
     # Params and tags go through hide_passwords: a URL's password never reaches the store.
     def log_params(self, params: Mapping[str, object]) -> None:
         """Empty values (an option left unset) are not logged: the UI would show a blank cell."""
-        self.client.log_batch(self.run_id, params=[Param(k, hide_passwords(str(v)))
-                                                   for k, v in params.items() if str(v) != ""])
+        batch = [Param(k, hide_passwords(str(v))) for k, v in params.items() if str(v) != ""]
+        self.call(lambda client: client.log_batch(self.run_id, params=batch))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.call(lambda client: client.log_batch(self.run_id, metrics=batch))
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, hide_passwords(str(v))) for k, v in tags.items()])
+        batch = [RunTag(k, hide_passwords(str(v))) for k, v in tags.items()]
+        self.call(lambda client: client.log_batch(self.run_id, tags=batch))
 
     def log_figure(self, figure, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
         try:
-            self.client.log_figure(self.run_id, figure, artifact_file)
+            self.call(lambda client: client.log_figure(self.run_id, figure, artifact_file))
         finally:
             plt.close(figure)
 
     def log_dict(self, data, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self.call(lambda client: client.log_dict(self.run_id, data, artifact_file))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.call(lambda client: client.log_text(self.run_id, text, artifact_file))
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path)
+        self.call(lambda client: client.log_artifact(self.run_id, path, artifact_path))
+
+    def set_terminated(self, status: str) -> None:
+        self.call(lambda client: client.set_terminated(self.run_id, status))
 
 
 def mark_machine_learning_experiment(client: MlflowClient, experiment_id: str) -> None:
@@ -200,7 +225,12 @@ def resolve_experiment_id(client: MlflowClient, name: str | None) -> str:
 
 def start_run(client: MlflowClient, experiment: str | None = None, run_name: str | None = None,
               parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
-    """Create a run explicitly (no global state). Child runs carry their parent's id as a tag."""
+    """Create a run explicitly (no global state). Child runs carry their parent's id as a tag.
+
+    None begins once this process lost its tracking server: it ends with ``TrackingLostError``.
+    """
+    if active_spool() is not None:
+        raise lost_error(active_spool())
     # What `mlflow run` records as the run's source (user, entry point file, git commit), as MLflow's
     # own fluent API does for a script; the UI's Source column shows it.
     all_tags = {**resolve_context_tags(), **(tags or {})}
@@ -226,19 +256,19 @@ def new_logged_model(client: MlflowClient, run_id: str, name: str, params: Mappi
                                       params={k: str(v) for k, v in (params or {}).items()}).model_id
 
 
-def end_run_for(client: MlflowClient, run_id: str, error: BaseException | None) -> None:
+def end_run_for(logger: RunLogger, error: BaseException | None) -> None:
     """Close a run with the status its outcome deserves; the error text goes along with it."""
     if error is None:
-        client.set_terminated(run_id, "FINISHED")
+        logger.set_terminated("FINISHED")
         return
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     message = "".join(traceback.format_exception_only(type(error), error)).strip() or type(error).__name__
     try:
-        client.set_tag(run_id, "error", hide_passwords(message)[:5000])
+        logger.set_tags({"error": message[:5000]})  # set_tags hides passwords
         if status == "FAILED":
-            client.log_text(run_id, hide_passwords("".join(traceback.format_exception(error))), "error.txt")
+            logger.log_text(hide_passwords("".join(traceback.format_exception(error))), "error.txt")
     finally:
-        client.set_terminated(run_id, status)
+        logger.set_terminated(status)
 
 
 @contextlib.contextmanager
@@ -247,7 +277,8 @@ def entry_point_run(experiment: str | None = None, run_name: str | None = None,
     """The run of an entry point: the one `mlflow run` created ($MLFLOW_RUN_ID), else a new one.
 
     Whatever happens inside, the run does not stay RUNNING: FINISHED on success, KILLED on
-    Ctrl-C, FAILED on an error.
+    Ctrl-C, FAILED on an error. When the tracking server was lost meanwhile, the run ends so in
+    the spool, and a run that succeeded raises ``TrackingLostError`` (naming the spool) after.
     """
     client = MlflowClient()
     run_id = os.environ.get("MLFLOW_RUN_ID")
@@ -260,14 +291,19 @@ def entry_point_run(experiment: str | None = None, run_name: str | None = None,
     else:
         run_id = start_run(client, experiment, run_name, tags=tags)
     logger = RunLogger(run_id, client)
+    logger.experiment_id  # asked now, while the server answers: a spool records it
     from pipelines.tracking.liveness import heartbeat  # the tag `stale_runs` reads to find killed runs
     try:
         with heartbeat(client, run_id):
             yield logger
     except BaseException as error:
-        end_run_for(client, run_id, error)
+        end_run_for(logger, error)
+        if logger.spooled and not isinstance(error, TrackingLostError):  # the error's line names it
+            log.warning(str(lost_error(active_spool())))
         raise
-    end_run_for(client, run_id, None)
+    end_run_for(logger, None)
+    if logger.spooled:
+        raise lost_error(active_spool())
 
 
 def command_line() -> str:

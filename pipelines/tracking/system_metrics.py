@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.config import ExecutionConfig
 from pipelines.tracking.runs import RunLogger
+from pipelines.tracking.server_loss import active_spool, tracking_in_trouble
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,16 @@ def _monitor(run_id: str, interval_s: float, tracking_uri: str):
     # MLflow logs "started/stopped monitoring" at INFO for every run, and on a machine without a GPU
     # that it skips GPU metrics: once per trial, noise in a study's log. Its warnings still show.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor_log = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    if _quiet_while_server_lost not in monitor_log.filters:
+        monitor_log.addFilter(_quiet_while_server_lost)
     return SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri)
+
+
+def _quiet_while_server_lost(record: logging.LogRecord) -> bool:
+    """The monitor stops with a warning when the tracking server does not answer it; the command
+    has said so in its own line already (``server_loss``): its samples stop there."""
+    return not tracking_in_trouble()
 
 
 def _last_sample(monitor) -> None:
@@ -77,6 +87,8 @@ def system_metrics(client: MlflowClient, run_id: str, enabled: bool = True, inte
 
 
 def _try_last_sample(monitor) -> None:
+    if active_spool() is not None:  # its tracking server is lost: the monitor's samples stopped there
+        return
     try:
         _last_sample(monitor)
     except Exception as error:  # the tracking store went away: the run's own outcome stands
