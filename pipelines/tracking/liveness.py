@@ -6,11 +6,14 @@ MLflow shows it RUNNING forever. While a run is open, a daemon thread sets the r
 (default 30). A RUNNING run whose last heartbeat (or, without one, whose start) is older than a
 grace period belongs to a dead process; ``stale_runs`` lists them and ``close_stale_run`` ends
 them KILLED, with an ``error`` tag saying why (``python -m pipelines.entrypoints.stale_runs``).
+The first beat also tags the run with the host and process id running it (``heartbeat_host``,
+``heartbeat_pid``): on that host, a run whose process is gone is known dead at once (``alive_reason``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
 HEARTBEAT_TAG = "heartbeat"
+HOST_TAG, PID_TAG = "heartbeat_host", "heartbeat_pid"
 INTERVAL_ENV = "CVAE_HEARTBEAT_INTERVAL_S"
 DEFAULT_INTERVAL_S = 30.0
 # A live run beats every 30 s; four missed beats (a store busy for a while) are not yet death.
@@ -56,6 +60,11 @@ def heartbeat(client: MlflowClient, run_id: str, interval_s: float | None = None
         while not stop.wait(interval):
             beat_once()
 
+    try:
+        client.set_tag(run_id, HOST_TAG, socket.gethostname())
+        client.set_tag(run_id, PID_TAG, str(os.getpid()))
+    except Exception:
+        pass
     beat_once()
     thread = threading.Thread(target=beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
     thread.start()
@@ -128,3 +137,33 @@ def close_stale_run(client: MlflowClient, stale: StaleRun, reason: str) -> bool:
     client.set_tag(stale.run_id, "error", reason[:5000])
     client.set_terminated(stale.run_id, "KILLED", end_time=int(stale.last_seen_s * 1000))
     return True
+
+
+def pid_running(pid: int) -> bool:
+    """Whether ``pid`` still runs on this host (a zombie, ended but not yet reaped, does not: /proc says so)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not os.path.isdir("/proc/self")  # without /proc, kill(pid, 0) is all we know
+
+
+def alive_reason(run: Run, grace_s: float = DEFAULT_GRACE_S, now: float | None = None) -> str | None:
+    """Why a RUNNING ``run`` may still have a live process (None: it is dead). Its process on this host
+    having ended is proof of death; anywhere else, a heartbeat older than ``grace_s`` is."""
+    now = time.time() if now is None else now
+    seen, _ = last_seen(run)
+    if now - seen > grace_s:
+        return None
+    tags = run.data.tags
+    if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit():
+        pid = int(tags[PID_TAG])
+        return f"its process {pid} on this host is still running" if pid_running(pid) else None
+    return (f"its last heartbeat was {now - seen:.0f} s ago, within the grace of {grace_s:.0f} s "
+            f"(host {tags.get(HOST_TAG, 'unknown')})")
