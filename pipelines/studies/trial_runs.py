@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Iterator
 
 import optuna
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from pipelines.tracking.checkpoints import discard_local
 from pipelines.tracking.liveness import heartbeat
 from pipelines.tracking.runs import RunLogger, end_run_for, start_run
 
@@ -41,7 +44,14 @@ def trial_run(client: MlflowClient, parent_run_id: str, study_name: str,
     trial.set_user_attr(PARENT_RUN_ID_ATTR, parent_run_id)
     try:
         with heartbeat(client, run_id):  # `stale_runs` can close it if this worker is killed
-            yield RunLogger(run_id, client)
+            try:
+                yield RunLogger(run_id, client)
+            except (Exception, KeyboardInterrupt):
+                # Every ending Optuna records (pruned, failed, interrupted: what its `_run_trial` catches)
+                # is final: only a trial whose worker died is retried, from its checkpoint (``objective``).
+                discard_local(run_id)
+                raise
+            discard_local(run_id)
     except optuna.TrialPruned:
         client.set_tag(run_id, STATE_TAG, TrialState.PRUNED.name)
         client.set_terminated(run_id, "KILLED")
@@ -52,6 +62,19 @@ def trial_run(client: MlflowClient, parent_run_id: str, study_name: str,
         raise
     client.set_tag(run_id, STATE_TAG, TrialState.COMPLETE.name)
     client.set_terminated(run_id, "FINISHED")
+
+
+def retried_run_id(trial: optuna.Trial) -> str | None:
+    """The MLflow run of the trial ``trial`` retries, when it is Optuna's retry of a trial whose worker died
+    (``RetryHeartbeatStaleTrialCallback``, which gives the retry the user attributes of the trial it
+    retries, that trial's run id among them); None otherwise. Call it before ``trial_run`` sets the
+    trial's own run id."""
+    frozen = next((t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number == trial.number), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable in use since 2.8
+        retried = frozen is not None and RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen) is not None
+    return trial.user_attrs.get(RUN_ID_ATTR) if retried else None
 
 
 def close_abandoned_trial(study: optuna.Study, client: MlflowClient, trial: optuna.Trial) -> None:
