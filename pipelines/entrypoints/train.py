@@ -92,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with opened as logger, run_system_metrics(logger, config.execution):
         result = train(config, logger, resume=resume)
         recorded = record_run(logger, result, config, FULL)
+    if resume is not None and resume.run_id != logger.run_id:
+        from pipelines.tracking.checkpoints import discard_local
+        discard_local(resume.run_id)  # taken over and finished in another run: not to be resumed again
     print(f"run {logger.run_id}: best epoch {result.best_epoch}, weights of epoch {result.kept_epoch}, "
           + ", ".join(f"{k} {v:.3f}" for k, v in recorded.metrics.items() if "/kl_dim_" not in k)
           + f"; model {recorded.model_uri}")

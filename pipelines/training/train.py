@@ -200,8 +200,8 @@ class Progress:
 
     def end_epoch(self, epoch: int, state: Callable[[], dict], train_terms: dict, val_terms: dict, lr: float,
                   epoch_seconds: float, examples_per_s: float) -> bool:
-        """Log the epoch, keep the best weights (``state()``: the model's state dict now), run
-        ``on_epoch`` (its exception propagates); True when early stopping says stop."""
+        """Keep the best weights (``state()``: the model's state dict now), write the checkpoint, log the
+        epoch, run ``on_epoch`` (its exception propagates); True when early stopping says stop."""
         config = self.config
         metrics = {**{f"train/{k}": v for k, v in train_terms.items()},
                    **{f"val/{k}": v for k, v in val_terms.items()},
