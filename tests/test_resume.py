@@ -114,6 +114,7 @@ def test_a_run_killed_after_an_epoch_resumes_bitwise_as_if_never_stopped(store, 
 
 def test_resume_refuses_what_cannot_be_resumed_in_one_line(store, in_process):
     from pipelines.entrypoints.train import main
+    from pipelines.tracking.checkpoints import local_path
     from pipelines.tracking.liveness import HEARTBEAT_TAG, HOST_TAG, PID_TAG
 
     client = store.client
@@ -122,6 +123,10 @@ def test_resume_refuses_what_cannot_be_resumed_in_one_line(store, in_process):
     client.set_terminated(finished, "FINISHED")
     killed = client.create_run(experiment).info.run_id
     client.set_terminated(killed, "KILLED")
+    cut_short = client.create_run(experiment).info.run_id
+    client.set_terminated(cut_short, "FAILED")
+    local_path(cut_short).parent.mkdir(parents=True)
+    local_path(cut_short).write_bytes(b"PK\x03\x04 not a whole checkpoint")
     alive = client.create_run(experiment, tags={HEARTBEAT_TAG: str(int(time.time())), HOST_TAG: "elsewhere",
                                                 PID_TAG: "1"}).info.run_id
     cases = [
@@ -129,6 +134,7 @@ def test_resume_refuses_what_cannot_be_resumed_in_one_line(store, in_process):
         (["--resume", finished], f"error: resume={finished!r} is not valid; the run is FINISHED: there is nothing to "
                                  "resume"),
         (["--resume", killed], f"error: resume={killed!r} is not valid; the run has no checkpoint"),
+        (["--resume", cut_short], f"error: the checkpoint of run {cut_short} cannot be read ("),
         (["--resume", alive], f"error: resume={alive!r} is not valid; the run is RUNNING and may still be training: "
                               "its last heartbeat was"),
         (["--resume", killed, "--epochs", "9"], f"error: resume={killed!r} continues the run with its own "
@@ -137,8 +143,9 @@ def test_resume_refuses_what_cannot_be_resumed_in_one_line(store, in_process):
     for args, message in cases:
         code, stderr = in_process(main, *args)
         assert code == 2 and stderr.strip().startswith(message) and len(stderr.strip().splitlines()) == 1, stderr
-    assert [client.get_run(r).info.status for r in (finished, killed, alive)] == ["FINISHED", "KILLED", "RUNNING"]
-    assert len(store.runs()) == 3
+    assert [client.get_run(r).info.status for r in (finished, killed, cut_short, alive)] == [
+        "FINISHED", "KILLED", "FAILED", "RUNNING"]
+    assert len(store.runs()) == 4
 
 
 @pytest.mark.slow

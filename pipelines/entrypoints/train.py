@@ -38,7 +38,8 @@ def resumed_config(args: argparse.Namespace):
 
     from pipelines.training.resume import resumable_run
 
-    given = [name for name in vars(args) if name.startswith("cfg__") and name != "cfg__data_dir"]
+    given = [name for name, value in vars(args).items()
+             if name.startswith("cfg__") and name != "cfg__data_dir" and value != ""]
     if given or args.cfg_set or getattr(args, "preset", None) or args.experiment or args.run_name:
         raise UserError(f"resume={args.resume!r} continues the run with its own configuration, experiment and "
                         "name; only --data-dir may be given beside it")

@@ -151,7 +151,7 @@ class TrialObjective:
             return None
         try:
             found = load_checkpoint(self.parent.client, retried_run)
-        except (UserError, MlflowException, OSError, RuntimeError) as error:  # unreadable: start over
+        except (UserError, MlflowException) as error:  # unreadable: start over
             log.warning(f"the retried trial's run {retried_run} has an unusable checkpoint ({error}); starting over")
             return None
         if found is None:

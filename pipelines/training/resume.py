@@ -12,6 +12,7 @@ Everything is a tensor or a plain value, so the file loads with ``weights_only=T
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -124,8 +125,13 @@ class Checkpointer:
 
 
 def load_checkpoint(client: MlflowClient, run_id: str) -> Resume | None:
-    """``run_id``'s checkpoint; None when it has none. A file of another format is refused in one line."""
-    found = checkpoints.find(client, run_id)
+    """``run_id``'s checkpoint; None when it has none. A file that cannot be read (cut short, not ours) or
+    of another format is refused in one line."""
+    try:
+        found = checkpoints.find(client, run_id)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"the checkpoint of run {run_id} cannot be read ({reason})") from None
     if found is None:
         return None
     state, source = found
