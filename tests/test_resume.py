@@ -103,6 +103,8 @@ def test_a_run_killed_after_an_epoch_resumes_bitwise_as_if_never_stopped(store, 
     # every value bitwise that of the run that never stopped.
     assert histories(client, run_id) == histories(client, whole.info.run_id)
     assert [step for step, _ in histories(client, run_id)["val/loss"]] == [1, 2]
+    samples = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
+    assert samples and len(samples) == len(set(samples))  # the system metrics go on from the last sample's step
     original, continued = manifest(client, whole.info.run_id), manifest(client, run_id)
     assert continued["results"]["weights_sha256"] == original["results"]["weights_sha256"]
     assert continued["results"]["metrics"] == original["results"]["metrics"]

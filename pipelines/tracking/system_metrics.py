@@ -38,7 +38,8 @@ def _monitor(run_id: str, interval_s: float, tracking_uri: str):
     # MLflow logs "started/stopped monitoring" at INFO for every run, and on a machine without a GPU
     # that it skips GPU metrics: once per trial, noise in a study's log. Its warnings still show.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    return SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri)
+    # resume_logging: a resumed run (`train --resume`) goes on from its last sample's step; a new run from 0.
+    return SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri, resume_logging=True)
 
 
 def _last_sample(monitor) -> None:
