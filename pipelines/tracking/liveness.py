@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from mlflow import MlflowClient
-from mlflow.entities import Run, ViewType
+from mlflow.entities import Run, RunTag, ViewType
 
 HEARTBEAT_TAG = "heartbeat"
 HOST_TAG, PID_TAG = "heartbeat_host", "heartbeat_pid"
@@ -60,12 +60,11 @@ def heartbeat(client: MlflowClient, run_id: str, interval_s: float | None = None
         while not stop.wait(interval):
             beat_once()
 
-    try:
-        client.set_tag(run_id, HOST_TAG, socket.gethostname())
-        client.set_tag(run_id, PID_TAG, str(os.getpid()))
+    try:  # the first beat, with who beats
+        client.log_batch(run_id, tags=[RunTag(HEARTBEAT_TAG, str(int(time.time()))),
+                                       RunTag(HOST_TAG, socket.gethostname()), RunTag(PID_TAG, str(os.getpid()))])
     except Exception:
         pass
-    beat_once()
     thread = threading.Thread(target=beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
     thread.start()
     try:
