@@ -125,6 +125,10 @@ class ExecutionConfig:
                                            "(system/...) while a run or trial trains and records")
     system_metrics_interval_s: float = described(5.0, "seconds between system-metric samples (what a sample "
                                                       "costs: docs/configuration.md, System metrics)")
+    checkpoint_upload_s: float = described(300.0, "seconds between uploads of the latest epoch's checkpoint to the "
+                                                  "run's artifacts (checkpoints/last.pt), from where another machine "
+                                                  "resumes it; every epoch's is written locally; 0 = upload every "
+                                                  "epoch (docs/runs.md: Resuming a killed run)")
 
     def __post_init__(self):
         require(_is_device(self.device), "execution.device", self.device,
@@ -136,6 +140,8 @@ class ExecutionConfig:
         require_choice("execution.compile", self.compile, COMPILE)
         require(self.system_metrics_interval_s >= 0.1,
                 "execution.system_metrics_interval_s", self.system_metrics_interval_s, "a number of seconds >= 0.1")
+        require(self.checkpoint_upload_s >= 0, "execution.checkpoint_upload_s", self.checkpoint_upload_s,
+                "a number of seconds >= 0 (0 = every epoch)")
 
 
 @dataclass(frozen=True)

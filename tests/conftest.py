@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several test processes share the cores: one torch thread each (and in the commands they start),
     # or OpenMP's spinning threads oversubscribe the CPU and every test slows down many times over.
     os.environ["OMP_NUM_THREADS"] = "1"
+# Local checkpoints of runs trained outside a test's store (pipelines.tracking.checkpoints): not in ~/.cache.
+os.environ.setdefault("CVAE_CHECKPOINT_DIR", tempfile.mkdtemp(prefix="cvae-test-checkpoints-"))
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Where the tests find Fashion-MNIST's IDX files: Debian's dataset-fashion-mnist, or another folder
 # holding them (the GPU machine has no Debian package: benchmarks/gpu/run.sh names the wheelhouse's copy).
@@ -157,6 +160,8 @@ def make_store(root: Path, data_dir: Path) -> Store:
     client.create_experiment(CLASSIFIER_EXPERIMENT, artifact_location=(root / "classifier-artifacts").as_uri())
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
            "CVAE_DATA_DIR": str(data_dir), "CVAE_OFFLINE": "1",
+           # Runs' local checkpoints (pipelines.tracking.checkpoints) stay with the store, not in ~/.cache.
+           "CVAE_CHECKPOINT_DIR": str(root / "checkpoints"),
            # The repository first; then what was there (the GPU machine's installed wheelhouse).
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
            "PYTHONUNBUFFERED": "1",
@@ -181,7 +186,7 @@ def in_process_on(store: Store, monkeypatch: pytest.MonkeyPatch, capsys=None):
     from pipelines.entrypoints.common import exit_code
     from pipelines.tracking.runs import configure_tracking
 
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "CVAE_DATA_DIR", "CVAE_OFFLINE"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "CVAE_DATA_DIR", "CVAE_OFFLINE", "CVAE_CHECKPOINT_DIR"):
         monkeypatch.setenv(name, store.env[name])
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.chdir(store.root)

@@ -81,27 +81,14 @@ def keep_killed_after_exit() -> None:
         pass
 
 
-def _pid_running(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie, ended but not yet reaped, does not: /proc says so)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return not os.path.isdir("/proc/self")  # without /proc, kill(pid, 0) is all we know
-
-
 def keep_status_after(run_id: str, parent_pid: int, status: str, wait_s: float = KEEP_STATUS_WAIT_S) -> None:
     """Wait for ``parent_pid`` (`mlflow run`) to exit, then give ``run_id`` back ``status`` (2.)."""
     from mlflow import MlflowClient
 
+    from pipelines.tracking.liveness import process_started
+
     deadline = time.monotonic() + wait_s
-    while _pid_running(parent_pid) and time.monotonic() < deadline:
+    while process_started(parent_pid) is not None and time.monotonic() < deadline:
         time.sleep(0.2)
     client = MlflowClient()
     run = client.get_run(run_id)

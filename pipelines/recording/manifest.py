@@ -126,6 +126,9 @@ def build_manifest(config: RunConfig, result: TrainResult, recorded_metrics: Map
         # Trained fused with other runs (training.fused): the group's size, its members' names and this
         # run's place among them; None when trained alone. `reproduce` re-trains it alone.
         "fusion": result.fusion,
+        # Resumed from a checkpoint after a kill (training.resume): the run it was of, the epoch it was taken
+        # after and where it was found; None when trained from the start.
+        "resumed": result.resumed,
         "data": {
             "dataset": data["dataset"],
             "source_files_sha256": data["source_files_sha256"],

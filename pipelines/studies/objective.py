@@ -6,6 +6,7 @@ study goes on; anything else stops the study.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Sequence
@@ -23,13 +24,17 @@ from pipelines.recording.run_description import name_trial
 from pipelines.studies.pruning import epoch_reporter
 from pipelines.studies.sampling import SAMPLER_SEED_ATTR, trial_seed
 from pipelines.studies.settings import StudySettings
-from pipelines.studies.trial_runs import trial_run
+from pipelines.studies.trial_runs import retried_run_id, trial_run
+from pipelines.tracking.checkpoints import discard_local
 from pipelines.tracking.runs import RunLogger
 from pipelines.tracking.system_metrics import run_system_metrics
+from pipelines.training.resume import RESUMES_TAG, Resume, load_checkpoint
 from pipelines.training.train import NonFiniteLossError, TrainResult, train
 
 if TYPE_CHECKING:  # search spaces build on this layer; only their type is named here
     from search_spaces import SearchSpace
+
+log = logging.getLogger(__name__)
 
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 # Failures that end one trial (FAIL) while the study goes on; anything else is a bug and stops it.
@@ -139,15 +144,39 @@ class TrialObjective:
         logger.log_metrics({f"objective/{name}": v for name, v in zip(self.settings.objectives, values)},
                            step=result.kept_epoch)
 
+    def retried_checkpoint(self, retried_run: str | None, config: RunConfig) -> Resume | None:
+        """The checkpoint of the trial run a retried trial retries (``trial_runs.retried_run_id``), when it
+        has one of this configuration; None (the trial starts over) otherwise, with a warning saying why."""
+        if retried_run is None:
+            return None
+        try:
+            found = load_checkpoint(self.parent.client, retried_run)
+        except (UserError, MlflowException) as error:  # unreadable: start over
+            log.warning(f"the retried trial's run {retried_run} has an unusable checkpoint ({error}); starting over")
+            return None
+        if found is None:
+            log.warning(f"the retried trial's run {retried_run} left no checkpoint; the trial starts over")
+        elif not found.matches(config):
+            log.warning(f"the checkpoint of the retried trial's run {retried_run} is of another configuration "
+                        "(the study's base changed); the trial starts over")
+            return None
+        return found
+
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         self.current = trial
+        retried_run = retried_run_id(trial)  # before the trial's own run replaces it
         stack, logger = self.trial_context(trial)
         with stack:
             try:
                 config = self.configure(trial, logger)
+                resume = self.retried_checkpoint(retried_run, config)
+                if resume is not None:
+                    logger.set_tags({RESUMES_TAG: resume.run_id})
                 result = train(config, logger, on_epoch=self.reporter(trial, config),
-                               splits=self.shared_splits(config))
+                               splits=self.shared_splits(config), resume=resume)
                 values = self.conclude(logger, result, config)
+                if resume is not None:
+                    discard_local(resume.run_id)
             # A tracking server lost for longer than MLflow's bounded retries also fails the trial
             # with its reason, though it stops this worker (it is not in catch=TRIAL_FAILURES).
             except (*TRIAL_FAILURES, MlflowException) as error:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Iterator
 
 import optuna
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from pipelines.studies.storage import WORKER_ATTR, worker_of
+from pipelines.tracking.checkpoints import discard_local
 from pipelines.tracking.liveness import PROCESS_TAG, ProcessId, heartbeat
 from pipelines.tracking.runs import RunLogger, end_run_for, start_run
 from pipelines.tracking.server_loss import active_spool
@@ -48,7 +51,14 @@ def trial_run(client: MlflowClient, parent_run_id: str, study_name: str,
     logger.experiment_id  # asked now, while the server answers: a spool records it
     try:
         with heartbeat(client, run_id):  # `stale_runs` can close it if this worker is killed
-            yield logger
+            try:
+                yield logger
+            except (Exception, KeyboardInterrupt):
+                # Every ending Optuna records (pruned, failed, interrupted: what its `_run_trial` catches)
+                # is final: only a trial whose worker died is retried, from its checkpoint (``objective``).
+                discard_local(run_id)
+                raise
+            discard_local(run_id)
     except optuna.TrialPruned:
         logger.set_tags({STATE_TAG: TrialState.PRUNED.name})
         logger.set_terminated("KILLED")
@@ -66,6 +76,19 @@ def stop_when_tracking_lost(study: optuna.Study, trial: FrozenTrial) -> None:
     into the spool); the study is then not concluded (see ``tune.run_and_conclude``)."""
     if active_spool() is not None:
         study.stop()
+
+
+def retried_run_id(trial: optuna.Trial) -> str | None:
+    """The MLflow run of the trial ``trial`` retries, when it is Optuna's retry of a trial whose worker died
+    (``RetryHeartbeatStaleTrialCallback``, which gives the retry the user attributes of the trial it
+    retries, that trial's run id among them); None otherwise. Call it before ``trial_run`` sets the
+    trial's own run id."""
+    frozen = next((t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number == trial.number), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable in use since 2.8
+        retried = frozen is not None and RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen) is not None
+    return trial.user_attrs.get(RUN_ID_ATTR) if retried else None
 
 
 def close_abandoned_trial(study: optuna.Study, client: MlflowClient, trial: optuna.Trial) -> None:

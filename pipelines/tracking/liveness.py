@@ -11,6 +11,8 @@ Where the process is known, there is no need to wait: ``ProcessId`` records whic
 something open (host, PID, start time, and which PIDs it shares: the boot and PID namespace), and
 another process that sees the same PIDs tells at once whether it still runs (a PID the system gave
 to another process since does not count); elsewhere it knows nothing, and the grace period decides.
+The first heartbeat tags the run with its ``ProcessId`` (``PROCESS_TAG``), so a process that sees the
+same PIDs knows at once whether the run's holder still runs (``alive_reason``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Iterable, Iterator
 
 import psutil
 from mlflow import MlflowClient
-from mlflow.entities import Run, ViewType
+from mlflow.entities import Run, RunTag, ViewType
 
 from pipelines.tracking.server_loss import active_spool
 
@@ -72,7 +74,11 @@ def heartbeat(client: MlflowClient, run_id: str, interval_s: float | None = None
         while not stop.wait(interval):
             beat_once()
 
-    beat_once()
+    try:  # the first beat, with who beats
+        client.log_batch(run_id, tags=[RunTag(HEARTBEAT_TAG, str(int(time.time()))),
+                                       RunTag(PROCESS_TAG, ProcessId.current().to_json())])
+    except Exception:
+        pass
     thread = threading.Thread(target=beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
     thread.start()
     try:
@@ -228,3 +234,20 @@ def close_runs_of_gone_processes(client: MlflowClient, experiment_ids: Iterable[
             client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)
     return closed
+
+
+def alive_reason(run: Run, grace_s: float = DEFAULT_GRACE_S, now: float | None = None) -> str | None:
+    """Why a RUNNING ``run`` may still have a live process (None: it is dead). Its holder
+    (``PROCESS_TAG``) seen gone from this machine is proof of death; anywhere else, a heartbeat older
+    than ``grace_s`` is."""
+    now = time.time() if now is None else now
+    seen, _ = last_seen(run)
+    if now - seen > grace_s:
+        return None
+    owner = ProcessId.parse(run.data.tags.get(PROCESS_TAG))
+    if owner is not None and owner.is_gone():
+        return None
+    if owner is not None and owner.is_running():
+        return f"its process ({owner}) is still running"
+    return (f"its last heartbeat was {now - seen:.0f} s ago, within the grace of {grace_s:.0f} s "
+            f"({owner or 'process unknown'})")

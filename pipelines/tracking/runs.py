@@ -273,16 +273,25 @@ def end_run_for(logger: RunLogger, error: BaseException | None) -> None:
 
 @contextlib.contextmanager
 def entry_point_run(experiment: str | None = None, run_name: str | None = None,
-                    tags: Mapping[str, str] | None = None) -> Iterator[RunLogger]:
-    """The run of an entry point: the one `mlflow run` created ($MLFLOW_RUN_ID), else a new one.
+                    tags: Mapping[str, str] | None = None, reopen: str | None = None) -> Iterator[RunLogger]:
+    """The run of an entry point: the one `mlflow run` created ($MLFLOW_RUN_ID), else ``reopen`` (an
+    ended or dead run, RUNNING again, as ``mlflow.start_run(run_id=...)`` makes it), else a new one.
 
-    Whatever happens inside, the run does not stay RUNNING: FINISHED on success, KILLED on
-    Ctrl-C, FAILED on an error. When the tracking server was lost meanwhile, the run ends so in
-    the spool, and a run that succeeded raises ``TrackingLostError`` (naming the spool) after.
+    Whatever happens inside, the run does not stay RUNNING: FINISHED on success (its local
+    checkpoint, no longer needed, is removed), KILLED on Ctrl-C, FAILED on an error. When the
+    tracking server was lost meanwhile, the run ends so in the spool, and a run that succeeded
+    raises ``TrackingLostError`` (naming the spool) after.
     """
     client = MlflowClient()
     run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
+    if reopen and not run_id:
+        run_id = reopen
+        client.update_run(run_id, status="RUNNING")
+        if "error" in client.get_run(run_id).data.tags:  # why it ended before; it goes on now
+            client.delete_tag(run_id, "error")
+        if tags:
+            RunLogger(run_id, client).set_tags(tags)
+    elif run_id:
         mark_machine_learning_experiment(client, client.get_run(run_id).info.experiment_id)
         if run_name:
             client.set_tag(run_id, MLFLOW_RUN_NAME, run_name)
@@ -302,6 +311,8 @@ def entry_point_run(experiment: str | None = None, run_name: str | None = None,
             log.warning(str(lost_error(active_spool())))
         raise
     end_run_for(logger, None)
+    from pipelines.tracking.checkpoints import discard_local  # imports torch: only where a run ends
+    discard_local(run_id)
     if logger.spooled:
         raise lost_error(active_spool())
 

@@ -42,7 +42,9 @@ def _monitor(run_id: str, interval_s: float, tracking_uri: str):
     monitor_log = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
     if _quiet_while_server_lost not in monitor_log.filters:
         monitor_log.addFilter(_quiet_while_server_lost)
-    return SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri)
+    return SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri,
+                                # a resumed run (`train --resume`) goes on from its last sample's step
+                                resume_logging=True)
 
 
 def _quiet_while_server_lost(record: logging.LogRecord) -> bool:

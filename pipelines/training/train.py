@@ -37,6 +37,7 @@ from pipelines.training.execution import (
     keep_freed_memory,
     seed_everything,
 )
+from pipelines.training.resume import RESUMED_TAG, Checkpointer, Resume, capture
 from pipelines.training.steps import Steps, should_compile
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class TrainResult:
     # Trained fused with others (``training.fused``): the group's size and its members' names, and
     # this model's place among them; None when trained alone.
     fusion: dict | None = None
+    # Resumed from a checkpoint (``training.resume``): the run whose checkpoint it was, the epoch it was
+    # taken after and where it was found; None when trained from the start.
+    resumed: dict | None = None
 
 
 def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -163,35 +167,63 @@ class Progress:
     the epoch whose weights it keeps. ``train`` keeps one; a fused group (``training.fused``) one per member,
     so that each member logs, stops and keeps its weights exactly as it would alone."""
 
-    def __init__(self, config: RunConfig, logger: RunLogger | None, on_epoch: EpochCallback | None, label: str = ""):
+    def __init__(self, config: RunConfig, logger: RunLogger | None, on_epoch: EpochCallback | None, label: str = "",
+                 checkpoint: Callable[[int], None] | None = None):
         self.config, self.logger, self.on_epoch, self.label = config, logger, on_epoch, label
+        self.checkpoint = checkpoint
         self.history: list[dict] = []
         self.best_val, self.best_epoch, self.best_state, self.stale = math.inf, 0, None, 0
         self.stopped_early = False
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the training so far (``training.resume``)."""
+        return {"history": self.history, "best_val": self.best_val, "best_epoch": self.best_epoch,
+                "best_state": self.best_state, "stale": self.stale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [dict(entry) for entry in state["history"]]
+        self.best_val, self.best_epoch = float(state["best_val"]), int(state["best_epoch"])
+        self.best_state, self.stale = state["best_state"], int(state["stale"])
+        patience = self.config.optim.patience
+        self.stopped_early = bool(patience and self.stale >= patience)
+
+    def log_missing_epochs(self) -> None:
+        """Log the history's epochs the run lacks: a run resumed in a new run (a retried trial), or one
+        killed after writing an epoch's checkpoint and before logging its metrics."""
+        if not self.logger or not self.history:
+            return
+        first_metric = next(key for key in self.history[0] if key != "epoch")
+        logged = {m.step for m in self.logger.client.get_metric_history(self.logger.run_id, first_metric)}
+        for entry in self.history:
+            if entry["epoch"] not in logged:
+                self.logger.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=entry["epoch"])
+
     def end_epoch(self, epoch: int, state: Callable[[], dict], train_terms: dict, val_terms: dict, lr: float,
                   epoch_seconds: float, examples_per_s: float) -> bool:
-        """Log the epoch, keep the best weights (``state()``: the model's state dict now), run
-        ``on_epoch`` (its exception propagates); True when early stopping says stop."""
+        """Keep the best weights (``state()``: the model's state dict now), write the checkpoint, log the
+        epoch, run ``on_epoch`` (its exception propagates); True when early stopping says stop."""
         config = self.config
         metrics = {**{f"train/{k}": v for k, v in train_terms.items()},
                    **{f"val/{k}": v for k, v in val_terms.items()},
                    "lr": lr, "epoch_time_s": epoch_seconds, "examples_per_s": examples_per_s}
         self.history.append({"epoch": epoch, **metrics})
+        finite = math.isfinite(val_terms["loss"])
+        if finite and val_terms["loss"] < self.best_val:
+            self.best_val, self.best_epoch, self.stale = val_terms["loss"], epoch, 0
+            if config.optim.restore_best:
+                self.best_state = copy.deepcopy(state())
+        elif finite:
+            self.stale += 1
+        if finite and self.checkpoint:  # before the metrics are logged: a kill between the two loses neither
+            self.checkpoint(epoch)
         if self.logger:
             self.logger.log_metrics(metrics, step=epoch)
         log.info(f"{self.label}epoch {epoch}: train/loss {train_terms['loss']:.2f}  val/loss {val_terms['loss']:.2f}  "
                  f"val/recon {val_terms['recon']:.2f}  val/kl {val_terms['kl']:.2f}  "
                  f"{metrics['examples_per_s']:.0f} img/s")
-        if not math.isfinite(val_terms["loss"]):
+        if not finite:
             from pipelines.training.divergence import divergence_message
             raise NonFiniteLossError(divergence_message(config, "validation", epoch, val_terms))
-        if val_terms["loss"] < self.best_val:
-            self.best_val, self.best_epoch, self.stale = val_terms["loss"], epoch, 0
-            if config.optim.restore_best:
-                self.best_state = copy.deepcopy(state())
-        else:
-            self.stale += 1
         if self.on_epoch:
             self.on_epoch(epoch, metrics)
         if config.optim.patience and self.stale >= config.optim.patience:
@@ -224,13 +256,17 @@ def log_run_start(logger: RunLogger | None, config: RunConfig, device: torch.dev
 
 
 def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCallback | None = None,
-          splits: DatasetSplits | None = None) -> TrainResult:
+          splits: DatasetSplits | None = None, resume: Resume | None = None) -> TrainResult:
     """Train one model from ``config``; log its params, tags and per-epoch metrics.
 
     ``on_epoch(epoch, metrics)`` runs after each epoch's validation (Optuna reports and prunes
     there; an exception it raises stops training and propagates). The returned model holds the
     best validation epoch's weights, or with ``optim.restore_best=false`` the last epoch's (as Keras
     does without restore_best_weights); record it with ``pipelines.recording.record.record_run``.
+
+    With a ``logger``, a checkpoint is written after every epoch (``training.resume``). ``resume``: go
+    on from such a checkpoint, in the logger's run, from the epoch after it; epochs the run lacks (all
+    of them in a new run) are logged from the checkpoint's history.
     """
     device = resolve_device(config.execution, announce=True)
     configure_threads(config.execution)
@@ -243,11 +279,26 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
     optimizer = build_optimizer(config, model)
     scaler = grad_scaler(config.execution, device)
     batcher = Batcher(config.data.binarize, config.execution.seed, device)
-    log_run_start(logger, config, device, splits)
+    if resume is not None and logger and resume.run_id == logger.run_id:
+        logger.set_tags(run_tags(config, device))  # the same run: its params and datasets are logged already
+    else:
+        log_run_start(logger, config, device, splits)
 
-    progress = Progress(config, logger, on_epoch)
+    checkpointer = Checkpointer(logger, config.execution.checkpoint_upload_s) if logger else None
+
+    def checkpoint(epoch: int) -> None:
+        checkpointer.save(capture(config, epoch, model, optimizer, scaler, batcher.generator,
+                                  progress.state_dict(), device))
+
+    progress = Progress(config, logger, on_epoch, checkpoint=checkpoint if checkpointer else None)
+    first_epoch = 1
+    if resume is not None:
+        first_epoch = resume.restore(model, optimizer, scaler, batcher.generator, progress, device)
+        progress.log_missing_epochs()
+        if logger:
+            logger.set_tags({RESUMED_TAG: first_epoch - 1})
     interactive = sys.stderr.isatty()
-    for epoch in range(1, config.optim.epochs + 1):
+    for epoch in range(first_epoch, 0 if progress.stopped_early else config.optim.epochs + 1):
         started = time.perf_counter()
         with tqdm(total=len(splits.train), desc=f"epoch {epoch}/{config.optim.epochs}", unit="img",
                   disable=not interactive, leave=False) as bar:
@@ -263,4 +314,5 @@ def train(config: RunConfig, logger: RunLogger | None = None, on_epoch: EpochCal
     return TrainResult(model=model, splits=splits, batcher=batcher, history=progress.history,
                        best_epoch=progress.best_epoch, best_val_loss=progress.best_val, kept_epoch=kept_epoch,
                        stopped_early=progress.stopped_early, device=device, seeds=seeds, determinism=determinism,
-                       compiled=steps.compiled, compile_fallback=steps.fallback_error)
+                       compiled=steps.compiled, compile_fallback=steps.fallback_error,
+                       resumed=resume.description() if resume else None)
