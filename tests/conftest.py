@@ -329,17 +329,27 @@ def wait_until_a_trial_is_stale(storage_url: str, study: str, grace_s: int) -> N
                f"a trial of study {study!r} without a heartbeat for {grace_s} s")
 
 
-def as_if_on_another_machine(storage_url: str, study: str, pid: int) -> None:
-    """Make the trials process ``pid`` ran look run by a worker on another machine, whose processes
-    no worker here can see: only the heartbeat rule can then find them stale, as in a real cluster."""
+def as_if_on_another_machine(storage_url: str, study: str, pid: int, client) -> None:
+    """Make the trials process ``pid`` ran, and their MLflow runs (``client``'s store), look run by a
+    worker on another machine, whose processes no worker here can see: only the heartbeat rule can then
+    find them stale, as in a real cluster."""
+    import json
+
     from optuna.storages import RDBStorage
 
     from pipelines.studies.storage import WORKER_ATTR
+    from pipelines.studies.trial_runs import PARENT_RUN_ID_ATTR, RUN_ID_ATTR
+    from pipelines.tracking.liveness import PROCESS_TAG
 
+    elsewhere = {"host": "another-machine", "pid_namespace": "another-machine"}
     storage = RDBStorage(storage_url)
     study_id = storage.get_study_id_from_name(study)
     for trial in storage.get_all_trials(study_id, deepcopy=False):
         worker = trial.user_attrs.get(WORKER_ATTR) or {}
-        if worker.get("pid") == pid:
-            storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR,
-                                        {**worker, "host": "another-machine", "pid_namespace": "another-machine"})
+        if worker.get("pid") != pid:
+            continue
+        storage.set_trial_user_attr(trial._trial_id, WORKER_ATTR, {**worker, **elsewhere})
+        for run_id in {trial.user_attrs.get(RUN_ID_ATTR), trial.user_attrs.get(PARENT_RUN_ID_ATTR)} - {None}:
+            holder = json.loads(client.get_run(run_id).data.tags.get(PROCESS_TAG) or "{}")
+            if holder.get("pid") == pid:  # the heartbeat's ProcessId (a --workers coordinator's stays)
+                client.set_tag(run_id, PROCESS_TAG, json.dumps({**holder, **elsewhere}))

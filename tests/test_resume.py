@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -43,9 +42,9 @@ def die_after_epoch(monkeypatch, epoch: int) -> None:
         if state["epoch"] == epoch:
             raise Died
 
-    def no_end_when_dead(client, run_id, error):
+    def no_end_when_dead(logger, error):
         if not isinstance(error, Died):
-            end_run_for(client, run_id, error)
+            end_run_for(logger, error)
 
     monkeypatch.setattr(Checkpointer, "save", save_then_die)
     for module in (runs, trial_runs):
@@ -61,6 +60,16 @@ def a_gone_process() -> str:
     process.kill()
     process.wait()
     return json.dumps(gone)
+
+
+def dead_as_a_killed_process_would_be(store) -> None:
+    """The runs this process left RUNNING (its "death" was an exception) held by a process that is gone."""
+    from pipelines.tracking.liveness import PROCESS_TAG
+
+    gone = a_gone_process()
+    for run in store.runs():
+        if run.info.status == "RUNNING" and PROCESS_TAG in run.data.tags:
+            store.client.set_tag(run.info.run_id, PROCESS_TAG, gone)
 
 
 def histories(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -158,6 +167,7 @@ def test_resume_refuses_what_cannot_be_resumed_in_one_line(store, in_process):
 @pytest.mark.slow
 def test_a_sigkilled_train_process_resumes_on_another_machine_from_its_artifact(store, monkeypatch):
     from pipelines.tracking.checkpoints import ARTIFACT_PATH, CHECKPOINT_DIR_ENV, local_path
+    from pipelines.tracking.liveness import PROCESS_TAG
 
     monkeypatch.setenv(CHECKPOINT_DIR_ENV, store.env[CHECKPOINT_DIR_ENV])  # where the processes keep theirs
 
@@ -185,7 +195,7 @@ def test_a_sigkilled_train_process_resumes_on_another_machine_from_its_artifact(
     (run,) = store.runs()
     run_id = run.info.run_id
     assert run.info.status == "RUNNING"
-    assert run.data.tags["heartbeat_host"] == socket.gethostname()
+    assert json.loads(run.data.tags[PROCESS_TAG])["pid"] == process.pid  # who held it: gone now
     assert ARTIFACT_PATH in {f.path for f in store.client.list_artifacts(run_id, "checkpoints")}
     local_path(run_id).unlink()  # another machine: only the artifact is there
 
@@ -210,6 +220,7 @@ def test_a_retried_trial_resumes_the_checkpoint_of_the_trial_it_retries(store, i
         die_after_epoch(patch, 1)
         with pytest.raises(Died):
             in_process(main, *args)
+    dead_as_a_killed_process_would_be(store)
     wait_until_a_trial_is_stale(storage, "spot", grace_s=2)
     code, stderr = in_process(main, *args)
     assert code == 0, stderr

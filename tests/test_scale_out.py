@@ -173,7 +173,7 @@ def test_a_sigkilled_workers_trial_fails_and_is_retried_once_by_another_worker(s
     finally:
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(timeout=60)
-    as_if_on_another_machine(server_stack.optuna_storage, "crash", doomed.pid)
+    as_if_on_another_machine(server_stack.optuna_storage, "crash", doomed.pid, MlflowClient(server_stack.tracking_uri))
     # Started once the dead worker's trial is stale, so this worker is sure to find it (the
     # survivor may find it first).
     wait_until_a_trial_is_stale(server_stack.optuna_storage, "crash", HEARTBEAT_GRACE_S)

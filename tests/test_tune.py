@@ -291,7 +291,7 @@ def test_a_killed_workers_trial_is_failed_by_the_next_worker(store):
     finally:
         doomed.kill()
         doomed.wait(timeout=60)
-    as_if_on_another_machine(storage_url(store), "crash", doomed.pid)
+    as_if_on_another_machine(storage_url(store), "crash", doomed.pid, store.client)
     wait_until_a_trial_is_stale(storage_url(store), "crash", grace_s=2)
     done = store.cli(TUNE, *study_args(store, "crash", "--n-trials", "1", "--heartbeat-grace", "2"))
     assert done.returncode == 0, done.stderr[-3000:]
