@@ -57,6 +57,7 @@ CPU_LOOP_SETUPS = [("mlp", 128), ("conv", 128), ("conv", 512)]
 
 @dataclass(frozen=True)
 class Sizes:
+    loop_setups: int  # how many of CPU_LOOP_SETUPS
     loop_images: int
     loop_epochs: int
     recording_images: int  # 0: all
@@ -68,10 +69,12 @@ class Sizes:
     own_data_images: int
 
 
-FULL_SIZES = Sizes(loop_images=20_000, loop_epochs=2, recording_images=0, recording_epochs=5, study_space="default",
+FULL_SIZES = Sizes(loop_setups=len(CPU_LOOP_SETUPS),
+                   loop_images=20_000, loop_epochs=2, recording_images=0, recording_epochs=5, study_space="default",
                    study_images=10_000, study_epochs=2, study_trials=6,
                    own_data_images=50_000)
-QUICK_SIZES = Sizes(loop_images=1_000, loop_epochs=1, recording_images=500, recording_epochs=1,
+# The quick run (CI) times one loop setup: the conv ones go through the same code, at 10x the cost.
+QUICK_SIZES = Sizes(loop_setups=1, loop_images=1_000, loop_epochs=1, recording_images=500, recording_epochs=1,
                     study_space="smoke", study_images=500, study_epochs=1, study_trials=2,
                     own_data_images=500)
 
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tmp)
             root = torchvision_root(workdir / "torchvision", data_dir) if sections & {"loop", "cuda"} else None
             if "loop" in sections:
-                measure_loops(table, CPU_LOOP_SETUPS, sizes.loop_images, sizes.loop_epochs, root, "cpu")
+                measure_loops(table, CPU_LOOP_SETUPS[:sizes.loop_setups], sizes.loop_images, sizes.loop_epochs, root, "cpu")
                 measure_own_data(table, workdir, sizes.own_data_images, 1, "cpu")
             if sections & {"recording", "study", "fused"}:
                 measured_sizes = {"recording": sizes.recording_images, "study": sizes.study_images,

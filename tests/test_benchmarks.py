@@ -15,8 +15,6 @@ from conftest import REPO
 
 EXPECTED_MEASURES = [
     ("loop", "784-400-20 MLP b128: ours / conventional"),
-    ("loop", "conv 32-64 b128: ours / conventional"),
-    ("loop", "conv 32-64 b512: ours / conventional"),
     ("flops", "achieved / matmul"),
     ("own data", "3x32x32 / 1x28x28, pixels per second"),
     ("recording", "share outside epochs (start-up, recording)"),

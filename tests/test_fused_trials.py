@@ -128,7 +128,8 @@ def test_ctrl_c_during_a_fused_group_leaves_no_trial_or_run_running(in_store, mo
 def test_a_sigkilled_fused_worker_leaves_its_trials_to_the_next_worker(store):
     # The worker dies mid-group (kill -9: nothing of it can clean up); the next one on this machine sees
     # its process gone and, without waiting for the heartbeat grace, fails both members' trials, closes
-    # their runs and the parent's, and retries them (the grace path: tests/test_tune.py).
+    # their runs and the parent's, and retries them (the grace path, for workers on other machines:
+    # tests/test_scale_out.py).
     args = [*SMALL, "--study", "crash", "--storage", storage_url(store), "--space", "optimiser", "--fuse", "2",
             "--n-trials", "2", "--heartbeat-grace", "600"]
     doomed = subprocess.Popen([sys.executable, "-m", "pipelines.entrypoints.tune", *args, "--epochs", "500",
