@@ -61,11 +61,12 @@ FULL_CUDA = CudaSizes(loop_setups=LOOP_SETUPS, loop_images=20_000, loop_epochs=2
                       fused_counts=(1, 8, 32, 128), fused_images=10_000, fused_epochs=2, fused_hundred=True)
 # The dry run: every function of the section once, at the least cost. One loop setup (the others are
 # the same code on other models), no warm-up and one worker (tests/test_benchmarks.py warms a store up,
-# tests/test_cuda.py runs a study of two workers on the device, in the same dry run).
+# tests/test_cuda.py runs a study of two workers on the device, in the same dry run). No fused study:
+# the fused rows are made by benchmarks.fused_section's functions, which the quick CPU benchmark runs.
 QUICK_CUDA = CudaSizes(loop_setups=LOOP_SETUPS[:1], loop_images=200, loop_epochs=1, precision_images=200,
                        precision_epochs=1, compile_backend="eager", warm_up=False, study_space="smoke",
                        study_images=200, study_epochs=1, study_trials=2, workers=(1,),
-                       fused_counts=(2,), fused_images=200, fused_epochs=1, fused_hundred=False)
+                       fused_counts=(), fused_images=200, fused_epochs=1, fused_hundred=False)
 # (name, precision, torch.compile options or None for eager, whether it means anything off CUDA).
 # The harness's bf16 is autocast on CUDA only (fp32 elsewhere), and CUDA graphs are CUDA's: on
 # another device their rows say so instead of measuring fp32 under another name.

@@ -35,8 +35,9 @@ class FusedSizes:
 
 
 FULL_FUSED = FusedSizes(trials=16, images=10_000, epochs=2, fuse=8, models=2, default_images=2_000, default_epochs=1)
-# The quick run (CI) proves the code works at the least cost: one comparison, the small MLP.
-QUICK_FUSED = FusedSizes(trials=2, images=300, epochs=1, fuse=2, models=1, default_images=0, default_epochs=1)
+# The quick run (CI) proves the code works at the least cost: one comparison, the small MLP, on the
+# study section's 500 images (whose judge classifier the store already holds).
+QUICK_FUSED = FusedSizes(trials=2, images=500, epochs=1, fuse=2, models=1, default_images=0, default_epochs=1)
 
 
 def group_sizes(workdir: Path, study: str) -> list[int]:
