@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             if "loop" in sections:
                 measure_loops(table, CPU_LOOP_SETUPS[:sizes.loop_setups], sizes.loop_images, sizes.loop_epochs, root, "cpu")
                 measure_own_data(table, workdir, sizes.own_data_images, 1, "cpu")
-            if sections & {"recording", "study", "fused"}:
+            if sections & {"recording", "study", "fused"} and not args.quick:  # quick: numbers mean nothing
                 measured_sizes = {"recording": sizes.recording_images, "study": sizes.study_images,
                                   "fused": (QUICK_FUSED if args.quick else FULL_FUSED).images}
                 warm_up_store(table, workdir, {measured_sizes[s] for s in sections & set(measured_sizes)})
