@@ -22,13 +22,12 @@ TEST_WORKERS ?= 4
 
 .PHONY: run test test-fast ui dashboard fashion-mnist
 
-# pip's output goes to a log: a few lines on success, the whole log when something fails. --no-compile:
-# byte-compiling every installed file (torch's thousands) costs setup time; imports compile what they use.
+# pip's output goes to a log: a few lines on success, the whole log when something fails.
 $(VENV)/.installed: requirements.txt
 	@echo "setting up $(VENV): the packages pinned in requirements.txt (first run only; a few minutes)"
 	@$(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --quiet --upgrade pip > $(VENV)/pip.log 2>&1 \
-	  && $(BIN)/python -m pip install --quiet --no-compile -r requirements.txt >> $(VENV)/pip.log 2>&1 \
+	  && $(BIN)/python -m pip install --quiet -r requirements.txt >> $(VENV)/pip.log 2>&1 \
 	  || { cat $(VENV)/pip.log; echo "error: installing requirements.txt failed (log above, also in $(VENV)/pip.log)"; exit 1; }
 	@touch $@
 	@echo "$(VENV) is ready"
