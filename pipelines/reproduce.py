@@ -247,19 +247,13 @@ def load_original(client, run_id: str) -> tuple[dict, dict[str, torch.Tensor] | 
     Raises ``UserError`` for an unknown run or a run without a manifest, before anything is opened.
     """
     import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
 
     from pipelines.errors import UserError
     from pipelines.recording.manifest import ManifestNotFoundError, load_manifest
     from pipelines.recording.record import DETAIL_TAG
+    from pipelines.tracking.runs import get_run_or_refuse
 
-    if not run_id.strip():
-        raise UserError("run_id='' is not valid; expected the id of a logged MLflow run")
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise UserError(f"run_id={run_id!r} is not valid; no such run in the tracking store "
-                        f"{client.tracking_uri}") from None
+    run = get_run_or_refuse(client, run_id, "run_id", "the id of a logged MLflow run")
     try:
         manifest = {**load_manifest(client, run_id), "run_id": run_id}
     except ManifestNotFoundError as error:

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags as resolve_context_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from pipelines.errors import TrackingLostError
+from pipelines.errors import TrackingLostError, UserError
 from pipelines.tracking.redaction import hide_passwords
 from pipelines.tracking.server_loss import (
     active_spool,
@@ -59,6 +59,18 @@ def configure_tracking() -> str:
 
 HEALTH_RETRIES = 2  # a tracking server just (re)starting gets a few seconds before we give up
 _reachable: set[str] = set()
+
+
+def get_run_or_refuse(client: MlflowClient, run_id: str, field: str, expected: str):
+    """The run ``run_id`` of the store ``client`` reads, or a one-line ``UserError`` naming ``field``:
+    for an empty id (``expected`` says what was wanted) or a run the store does not hold."""
+    if not run_id.strip():
+        raise UserError(f"{field}='' is not valid; expected {expected}")
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"{field}={run_id!r} is not valid; no such run in the tracking store "
+                        f"{client.tracking_uri}") from None
 
 
 def require_tracking_server(uri: str) -> None:

@@ -26,7 +26,7 @@ from pipelines.config import RunConfig, flatten, from_params
 from pipelines.errors import UserError
 from pipelines.tracking import checkpoints
 from pipelines.tracking.liveness import alive_reason
-from pipelines.tracking.runs import RunLogger
+from pipelines.tracking.runs import RunLogger, get_run_or_refuse
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,7 @@ def load_checkpoint(client: MlflowClient, run_id: str) -> Resume | None:
 def resumable_run(client: MlflowClient, run_id: str) -> tuple[RunConfig, Resume]:
     """The configuration and checkpoint of a run `train --resume` may continue; a one-line ``UserError``
     for an unknown run, a FINISHED one, one whose process may still be alive, or one without a checkpoint."""
-    if not run_id.strip():
-        raise UserError("resume='' is not valid; expected the id of a killed or failed MLflow run")
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise UserError(f"resume={run_id!r} is not valid; no such run in the tracking store "
-                        f"{client.tracking_uri}") from None
+    run = get_run_or_refuse(client, run_id, "resume", "the id of a killed or failed MLflow run")
     status = run.info.status
     if status == "FINISHED":
         raise UserError(f"resume={run_id!r} is not valid; the run is FINISHED: there is nothing to resume")
