@@ -37,6 +37,7 @@ from pipelines.training.execution import (
     keep_freed_memory,
     seed_everything,
 )
+from pipelines.training.preflight import COPIES_IN_TRAINING
 from pipelines.training.train import (
     EVAL_BATCH,
     EVAL_SEED,
@@ -75,9 +76,9 @@ def fusion_refusal_for(config: RunConfig) -> str | None:
     return None
 
 
-# Training holds each parameter four times (weights, gradients, Adam's two moments); each activation
-# a batch keeps for the backward pass about three times (itself, its gradient, a temporary).
-PARAMETER_COPIES, ACTIVATION_COPIES = 4, 3
+# Each activation a batch keeps for the backward pass is held about three times (itself, its gradient,
+# a temporary); each parameter COPIES_IN_TRAINING times (preflight's count).
+ACTIVATION_COPIES = 3
 
 
 def member_bytes(config: RunConfig, image_shape, num_classes: int) -> int:
@@ -102,7 +103,7 @@ def member_bytes(config: RunConfig, image_shape, num_classes: int) -> int:
             for handle in handles:
                 handle.remove()
         parameters = sum(p.numel() for p in model.parameters())
-    return 4 * (PARAMETER_COPIES * parameters + ACTIVATION_COPIES * (outputs + batch * math.prod(image_shape)))
+    return 4 * (COPIES_IN_TRAINING * parameters + ACTIVATION_COPIES * (outputs + batch * math.prod(image_shape)))
 
 
 @dataclass
